@@ -5,14 +5,16 @@ recipe) stays in the notebook. Read it top to bottom, section by section:
 
     Setup         device, seeding, settings from environment variables
     Data          CIFAR-10 in either layout, uint8 fast path, loaders that finish batches on the device
+    Image folders flower_photos: safe download, a reproducible split manifest, class index, file dataset
     Training      `train` and its `History`
     Evaluation    accuracy, per-class accuracy, confusion matrix, image grids
     Persistence   checkpoints with metadata, atomic saves, weights-only loading
     Prediction    any image source to top-k classes, with clear errors for bad input
-    Plotting      `plot_history`
+    Plotting      `plot_history`, `show_filters` and `show_feature_maps` (what a network learned)
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
@@ -21,10 +23,13 @@ import os
 import pathlib
 import platform
 import random
+import shutil
+import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -247,11 +252,13 @@ class BatchTransform(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
-        x = images.float().div_(255)                       # (B, 3, h, w) in [0, 1]
+        # Normalise before upscaling: bilinear weights sum to 1, so the result is the same,
+        # but the arithmetic runs on 32x32 pixels instead of 227x227 (50 times fewer).
+        x = images.float().div_(255).sub_(self.mean).div_(self.std)   # (B, 3, h, w)
         if self.size is not None and x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=False)
-        return (x - self.mean) / self.std                  # (B, 3, size, size)
+        return x                                                       # (B, 3, size, size)
 
 
 class DeviceLoader:
@@ -333,6 +340,260 @@ def show_images(images: torch.Tensor, labels, classes, mean=None, std=None, ncol
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# =============================================================================================
+# Image folders (flower_photos)
+# =============================================================================================
+
+FLOWER_PHOTOS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataChangedError(ValueError):
+    """The files of an image folder differ from those its split manifest was made from."""
+
+
+def _flower_photos_missing_message(data_dir: pathlib.Path, reason: str) -> str:
+    return (f"flower_photos was not found in DATA_DIR={data_dir} and could not be downloaded ({reason}).\n"
+            f"Expected layout: {data_dir}/flower_photos/<class>/*.jpg, one folder per class "
+            f"(daisy, dandelion, roses, sunflowers, tulips).\n"
+            f"Download {FLOWER_PHOTOS_URL} and unpack it into {data_dir}, "
+            f"or run once with internet access, or set DATA_DIR to a folder that has it.")
+
+
+def _download_file(url: str, path: pathlib.Path, timeout: float = 60.0) -> None:
+    """Download `url` to `path` with a progress bar. A short read (fewer bytes than the server
+    announced) raises `OSError`, like a network error."""
+    request = urllib.request.Request(url, headers={"User-Agent": "cifar10-course/1.0"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "wb") as f:
+        length = response.headers.get("Content-Length", "")
+        total = int(length) if length.isdigit() else None
+        size = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url.rsplit('/', 1)[-1]}") as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                size += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and size != total:
+        raise OSError(f"{url}: received {size:,} of {total:,} bytes")
+
+
+def _unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or pathlib.PureWindowsPath(member.name).drive:
+        return "an absolute path"
+    if ".." in pathlib.PurePosixPath(name).parts:
+        return "a '..' component"
+    if not (member.isfile() or member.isdir()):
+        return "neither a file nor a folder (a link or device)"
+    return None
+
+
+def safe_extract_tar(archive, dest) -> None:
+    """Unpack the gzip-compressed tar `archive` into the folder `dest`, with a progress bar,
+    after checking the whole archive: a valid gzip tar whose members are plain files and folders
+    with relative paths and no `..`. Raises `ValueError` naming the archive and the reason
+    before anything is extracted."""
+    archive, dest = pathlib.Path(archive), pathlib.Path(dest)
+    with open(archive, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            raise ValueError(f"{archive}: not a gzip file")
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()              # reads to the end: a truncated file fails here
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise ValueError(f"{archive}: not a valid gzip tar archive ({err})") from None
+    for member in members:
+        if reason := _unsafe_member_reason(member):
+            raise ValueError(f"{archive}: refusing to unpack, member {member.name!r} has {reason}")
+    # tarfile's "data" filter (Python 3.11.4+) repeats these checks and drops odd permissions
+    options = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tqdm(tar, total=len(members), desc=f"unpacking {archive.name}", unit="file"):
+            tar.extract(member, dest, **options)
+
+
+def load_flower_photos(data_dir, download: bool = True) -> pathlib.Path:
+    """The folder `data_dir/flower_photos` (one sub-folder of photos per class), downloaded from
+    TensorFlow's example images and unpacked when it is missing and `download` is true.
+
+    The archive is checked (see `safe_extract_tar`) and unpacked into a temporary folder beside
+    the destination that is then renamed into place, so a failed or interrupted download never
+    leaves half a data set. Raises `DataNotFoundError` naming DATA_DIR, the layout and how to get
+    the data when it is missing and cannot be downloaded.
+    """
+    data_dir = pathlib.Path(data_dir).expanduser().resolve()
+    root = data_dir / "flower_photos"
+    if root.is_dir():
+        if not any(d.is_dir() for d in root.iterdir()):
+            raise DataNotFoundError(f"{root} exists but holds no <class>/ folders of images")
+        return root
+    if not download:
+        raise DataNotFoundError(_flower_photos_missing_message(data_dir, "download=False"))
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=".flower_photos-", dir=data_dir))
+    except OSError as err:
+        raise DataNotFoundError(_flower_photos_missing_message(data_dir, f"cannot write there: {err}")) from None
+    try:
+        archive = tmp / "flower_photos.tgz"
+        try:
+            _download_file(FLOWER_PHOTOS_URL, archive)
+        except (OSError, http.client.HTTPException) as err:    # URLError and time-outs are OSErrors
+            raise DataNotFoundError(_flower_photos_missing_message(data_dir, f"offline? {err}")) from None
+        safe_extract_tar(archive, tmp / "unpacked")
+        unpacked = tmp / "unpacked" / "flower_photos"
+        if not unpacked.is_dir():
+            raise ValueError(f"{FLOWER_PHOTOS_URL}: the archive holds no flower_photos/ folder")
+        os.replace(unpacked, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _scan_image_folder(root: pathlib.Path) -> tuple[list[str], list[str]]:
+    """(classes, files): the class folders under `root` and the image files in them as relative
+    POSIX paths "class/name", both sorted, whatever order the file system lists them in."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = sorted(f"{c}/{f.name}" for c in classes for f in (root / c).iterdir()
+                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+    return classes, files
+
+
+def _stratified_split(files: list[str], classes: list[str], val_fraction: float, seed: int):
+    """(train, val): from each class, `val_fraction` of its files (at least one) go to val.
+    Each class is shuffled by its own generator, seeded with a string (which Python hashes with
+    SHA-512, not with the per-process `hash`), so the split is the same on every machine."""
+    train, val = [], []
+    for name in classes:
+        members = [f for f in files if f.split("/", 1)[0] == name]
+        if len(members) < 2:
+            raise ValueError(f"class {name!r} has {len(members)} image(s): a split needs at least 2")
+        random.Random(f"{seed}/{name}").shuffle(members)
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
+        val += sorted(members[:n_val])
+        train += sorted(members[n_val:])
+    return train, val
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+        if not {"val_fraction", "seed", "classes", "train", "val", "files"} <= manifest.keys():
+            raise ValueError("keys are missing")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a split manifest ({err}); delete it to split afresh") from None
+    return manifest
+
+
+def _check_unchanged(recorded: dict, current: dict, root: pathlib.Path, manifest_path: pathlib.Path) -> None:
+    """Raise `DataChangedError` listing the files added, removed or changed since the manifest."""
+    added = sorted(current.keys() - recorded.keys())
+    removed = sorted(recorded.keys() - current.keys())
+    changed = sorted(f for f in current.keys() & recorded.keys() if current[f] != recorded[f])
+    if not (added or removed or changed):
+        return
+    lines = [f"  {kind} ({len(names)}): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+             for kind, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+    raise DataChangedError(
+        f"{root} is not what its split manifest {manifest_path} was made from:\n" + "\n".join(lines) +
+        f"\nRestore the original files, or delete {manifest_path} to split the current files afresh "
+        f"(a model trained on the old split may then have seen some of the new val images).")
+
+
+def split_image_folder(root, manifest_path, val_fraction: float = 0.1, seed: int = 0):
+    """Split an image folder `root/<class>/*` into train and val, stratified by class: each class
+    gives `val_fraction` of its images (at least one) to val. The file names are sorted before a
+    generator seeded with `seed` shuffles them, so every machine makes the same split.
+
+    The split is a list of files, written once to the JSON `manifest_path` with a SHA-256 of every
+    file; nothing under `root` is moved, changed or written. Later calls reuse the manifest and
+    write nothing, after checking that the files are the same (by content, so a copied or moved
+    folder still matches). Returns (train_files, val_files, classes), the files as paths under `root`.
+    Raises `DataChangedError` naming the files added, removed or changed since the manifest was
+    made, and `ValueError` when the manifest was made with another `val_fraction` or `seed`.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    root = pathlib.Path(root).expanduser().resolve()
+    manifest_path = pathlib.Path(manifest_path)
+    classes, files = _scan_image_folder(root)
+    if not files:
+        raise DataNotFoundError(f"no images found under {root}/<class>/")
+    digests = {f: _file_digest(root / f) for f in files}
+    if manifest_path.exists():
+        manifest = _read_manifest(manifest_path)
+        if (manifest["val_fraction"], manifest["seed"]) != (val_fraction, seed):
+            raise ValueError(f"{manifest_path} holds a split with val_fraction={manifest['val_fraction']}, "
+                             f"seed={manifest['seed']}, not val_fraction={val_fraction}, seed={seed}: "
+                             f"pass those, or another manifest path")
+        _check_unchanged(manifest["files"], digests, root, manifest_path)
+        classes, train, val = manifest["classes"], manifest["train"], manifest["val"]
+    else:
+        train, val = _stratified_split(files, classes, val_fraction, seed)
+        data = json.dumps({"root": str(root), "val_fraction": val_fraction, "seed": seed, "classes": classes,
+                           "train": train, "val": val, "files": digests}, indent=1).encode()
+        _atomic_write(manifest_path, lambda f: f.write(data))
+    return [root / f for f in train], [root / f for f in val], list(classes)
+
+
+def write_class_index(path, classes) -> pathlib.Path:
+    """Write the class names as JSON {"0": "daisy", "1": "dandelion", ...} (index to name, the
+    file the AlexNet-Flowers article writes). An identical file already there is left untouched."""
+    path = pathlib.Path(path)
+    data = json.dumps({str(i): name for i, name in enumerate(classes)}, indent=4).encode()
+    if not (path.is_file() and path.read_bytes() == data):
+        _atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def read_class_index(path) -> list[str]:
+    """The class names of a `write_class_index` file, in index order. Raises `ValueError` for a
+    file that is not {"0": name, ..., "n-1": name}."""
+    path = pathlib.Path(path)
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    keys = [str(i) for i in range(len(index))] if isinstance(index, dict) else None
+    if keys is None or set(index) != set(keys) or not all(isinstance(v, str) for v in index.values()):
+        raise ValueError(f'{path}: expected a class index {{"0": name, "1": name, ...}} numbered from 0')
+    return [index[k] for k in keys]
+
+
+class ImageFileDataset(Dataset):
+    """Image files whose class is the name of their folder (`.../<class>/<file>`), decoded with
+    `load_image` (any mode to RGB, EXIF rotation applied) only when an item is read, so that the
+    decoding runs in the DataLoader's worker processes. `transform` (e.g. a torchvision transform)
+    turns the PIL image into what the model takes; without it, items are PIL images.
+    `subset` > 0 keeps at most that many files (a fixed random draw).
+    """
+
+    def __init__(self, files, classes, transform=None, subset: int = 0):
+        files = [pathlib.Path(f) for f in files]
+        self.files = [files[i] for i in _subset_indices(len(files), subset).tolist()]
+        self.classes = list(classes)
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        unknown = sorted({f.parent.name for f in self.files} - lookup.keys())
+        if unknown:
+            raise ValueError(f"files in folders that are not classes: {unknown} (classes: {self.classes})")
+        self.labels = torch.tensor([lookup[f.parent.name] for f in self.files], dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        image = load_image(self.files[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
 
 
 # =============================================================================================
@@ -939,4 +1200,62 @@ def plot_history(history: History, save_path=None, title: str | None = None):
     if save_path:
         pathlib.Path(save_path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(save_path, dpi=100)
+    return fig
+
+
+def _scaled_to_unit(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` shifted and scaled to span [0, 1] (a constant tensor becomes 0.5)."""
+    low, high = tensor.min(), tensor.max()
+    if high == low:
+        return torch.full_like(tensor, 0.5)
+    return (tensor - low) / (high - low)
+
+
+def show_filters(weights: torch.Tensor, ncols: int = 12, titles=None, title: str | None = None):
+    """A grid of (N, C, H, W) weights or images, each scaled to [0, 1] on its own: colour for
+    C = 3 (e.g. a first convolution's filters, or deconvnet reconstructions), the channel mean
+    in grey otherwise. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    weights = weights.detach().float().cpu()
+    n = len(weights)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.1 * ncols, 1.1 * nrows + (0.4 if title else 0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, w) in enumerate(zip(axes.flat, weights)):
+        if w.shape[0] == 3:
+            ax.imshow(_scaled_to_unit(w).permute(1, 2, 0).numpy(), interpolation="nearest")
+        else:
+            ax.imshow(_scaled_to_unit(w.mean(0)).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_feature_maps(maps: torch.Tensor, n: int = 16, ncols: int = 8, title: str | None = None):
+    """The `n` most active channels (highest mean) of one image's feature maps (C, H, W), in
+    grey on one shared scale, each titled with its channel index. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    maps = maps.detach().float().cpu()
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (C, H, W) for one image, got {tuple(maps.shape)}")
+    channels = maps.mean((1, 2)).argsort(descending=True)[:n].tolist()
+    vmin, vmax = float(maps[channels].min()), float(maps[channels].max())
+    nrows = math.ceil(len(channels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, 1.5 * nrows + (0.4 if title else 0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, channel in zip(axes.flat, channels):
+        ax.imshow(maps[channel].numpy(), cmap="gray", vmin=vmin, vmax=vmax)
+        ax.set_title(f"#{channel}", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig

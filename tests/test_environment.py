@@ -1,0 +1,40 @@
+"""environment.yml (conda) and requirements*.txt (pip) list the same packages."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).parent.parent
+CONDA_NAMES = {"pytorch": "torch"}          # conda-forge name -> PyPI name
+
+
+def requirement_names(path):
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower())
+    return names
+
+
+def conda_names(path):
+    names = set()
+    for line in path.read_text().splitlines():
+        match = re.match(r"\s*-\s+([A-Za-z0-9_.-]+)", line.split("#")[0])
+        if match and match.group(1) not in ("python", "pip"):
+            names.add(CONDA_NAMES.get(match.group(1).lower(), match.group(1).lower()))
+    return names
+
+
+def test_environment_yml_lists_the_same_packages_as_requirements():
+    pip = requirement_names(ROOT / "requirements-dev.txt")
+    assert "torch" in pip and "nbval" in pip
+    assert conda_names(ROOT / "environment.yml") == pip
+
+
+def test_requirements_use_lower_bounds_only():
+    for path in (ROOT / "requirements.txt", ROOT / "requirements-dev.txt"):
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r"):
+                assert ">=" in line and "==" not in line and "<" not in line, line
