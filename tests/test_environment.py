@@ -19,7 +19,8 @@ def requirement_names(path):
 
 def conda_names(path):
     names = set()
-    for line in path.read_text().splitlines():
+    dependencies = path.read_text().split("dependencies:", 1)[1]
+    for line in dependencies.splitlines():
         match = re.match(r"\s*-\s+([A-Za-z0-9_.-]+)", line.split("#")[0])
         if match and match.group(1) not in ("python", "pip"):
             names.add(CONDA_NAMES.get(match.group(1).lower(), match.group(1).lower()))
