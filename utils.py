@@ -900,6 +900,12 @@ def show_predictions(model: nn.Module, loader: DeviceLoader, classes, mean=None,
 # Persistence
 # =============================================================================================
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: pathlib.Path, write) -> None:
     """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it
     over `path`: a crash or kill at any moment leaves either the old file or the new one."""
@@ -910,6 +916,7 @@ def _atomic_write(path: pathlib.Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())   # mkstemp makes files private; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -1211,16 +1218,17 @@ def _scaled_to_unit(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor - low) / (high - low)
 
 
-def show_filters(weights: torch.Tensor, ncols: int = 12, titles=None, title: str | None = None):
+def show_filters(weights: torch.Tensor, ncols: int = 12, titles=None, title: str | None = None,
+                 cell_size: float = 1.1):
     """A grid of (N, C, H, W) weights or images, each scaled to [0, 1] on its own: colour for
     C = 3 (e.g. a first convolution's filters, or deconvnet reconstructions), the channel mean
-    in grey otherwise. Returns the figure."""
+    in grey otherwise; `cell_size` inches per image. Returns the figure."""
     import matplotlib.pyplot as plt
 
     weights = weights.detach().float().cpu()
     n = len(weights)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.1 * ncols, 1.1 * nrows + (0.4 if title else 0)),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell_size * ncols, cell_size * nrows + (0.4 if title else 0)),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

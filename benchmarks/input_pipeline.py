@@ -93,11 +93,15 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     parser.add_argument("--batches", type=int, default=400, help="at most this many timed batches per measurement")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 227])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in this process (0 = torch's default, one per core)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data_dir = args.data_dir.expanduser().resolve()
     torch.manual_seed(0)
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}: "

@@ -252,6 +252,22 @@ def test_download_unpacks_into_place(tmp_path, monkeypatch):
     assert utils.load_flower_photos(data_dir) == root
 
 
+def test_download_over_http_from_a_local_server(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    write_tgz(served / "flower_photos.tgz", {"flower_photos/tulips/1.jpg": b"one"})
+    base_url, server = fakedata.serve_directory(served)
+    try:
+        monkeypatch.setattr(utils, "FLOWER_PHOTOS_URL", f"{base_url}/flower_photos.tgz")
+        root = utils.load_flower_photos(tmp_path / "data")
+        assert (root / "tulips" / "1.jpg").read_bytes() == b"one"
+        monkeypatch.setattr(utils, "FLOWER_PHOTOS_URL", f"{base_url}/missing.tgz")
+        with pytest.raises(utils.DataNotFoundError, match="404"):
+            utils.load_flower_photos(tmp_path / "elsewhere")
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("name", ["../evil.txt", "flower_photos/../../evil.txt", "/tmp/evil.txt"])
 def test_an_archive_escaping_its_folder_is_rejected(tmp_path, name):
     archive = write_tgz(tmp_path / "evil.tgz", {"flower_photos/daisy/1.jpg": b"one", name: b"evil"})

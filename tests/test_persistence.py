@@ -108,3 +108,10 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     fresh = nn.Linear(100, 100)
     utils.load_checkpoint(path, fresh)
     assert torch.equal(fresh.weight, previous.weight)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    path = utils.save_checkpoint(tmp_path / "m.pth", make_model())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end on generated data, so they cannot rot unnoticed;
+and the batch transform's speed-up (normalising before upscaling) changes no pixel."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+from tests.fakedata import write_cifar10_folder
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchdata")
+    write_cifar10_folder(root, train_per_class=8, test_per_class=4)
+    return root
+
+
+def test_input_pipeline_benchmark_measures_every_pipeline(data_dir, capsys):
+    results = load_script("input_pipeline").main(
+        ["--data-dir", str(data_dir), "--images", "40", "--batch-size", "8", "--rounds", "1",
+         "--seconds", "0", "--batches", "2", "--sizes", "32", "64"])
+    assert set(results) == {32, 64}
+    for row in results.values():
+        assert row["pil"] > 0 and row["host"] > 0 and row["cpu_e2e"] > 0
+        assert row["host_ratio"] == pytest.approx(row["host"] / row["pil"])
+    out = capsys.readouterr().out
+    assert "| 32 |" in out and "target at 32 px" in out
+
+
+def test_train_loop_benchmark_compares_both_loops(data_dir, capsys):
+    results = load_script("train_loop").main(
+        ["--data-dir", str(data_dir), "--images", "32", "--batch-size", "16", "--rounds", "2",
+         "--predictions", "200"])
+    assert results["train_ratio"] > 0 and results["per_class_speedup"] > 0
+    assert "utils.train" in capsys.readouterr().out
+
+
+def test_articles_per_class_loop_agrees_with_the_confusion_matrix():
+    train_loop = load_script("train_loop")
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    predictions = torch.tensor([0, 1, 1, 1, 0, 2])
+    batches = [(predictions[:4], labels[:4]), (predictions[4:], labels[4:])]
+    expected = torch.tensor([0.5, 2 / 3, 1.0])
+    assert torch.allclose(train_loop.articles_per_class(batches, 3), expected)
+    assert torch.allclose(train_loop.vectorised_per_class(batches, 3), expected)
+
+
+def test_batch_transform_equals_resizing_before_normalising():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(utils.CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(utils.CIFAR10_STD).view(1, 3, 1, 1)
+    resized = F.interpolate(images.float() / 255, size=(227, 227), mode="bilinear", align_corners=False)
+    reference = (resized - mean) / std
+    assert torch.allclose(utils.BatchTransform(size=227)(images), reference, atol=1e-5)
