@@ -109,33 +109,33 @@ def main(argv=None) -> dict:
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     start = time.perf_counter()
-    train_set, _ = utils.load_cifar10(data_dir, subset=args.images, download=False)
+    train_set, test_set = utils.load_cifar10(data_dir, subset=args.images, download=False)
     load_seconds = time.perf_counter() - start
-    print(f"utils.load_cifar10({data_dir}, subset={args.images}): {len(train_set) + len(_):,} images "
-          f"(train + test) decoded in {load_seconds:.1f} s, "
-          f"{(len(train_set) + len(_)) / load_seconds:,.0f} images/s (once per session)")
+    loaded = len(train_set) + len(test_set)
+    print(f"utils.load_cifar10({data_dir}, subset={args.images}): {loaded:,} images (train + test) "
+          f"loaded in {load_seconds:.1f} s, {loaded / load_seconds:,.0f} images/s (once per session)")
 
-    pipelines = {}   # (size, name) -> a function that measures one pass
+    pipelines = {}   # (size, name) -> (loader, the fast path's per-sample augmentation)
     for size in args.sizes:
         pil_loader = DataLoader(article_dataset(data_dir, article_transform(size)), args.batch_size,
                                 shuffle=True, num_workers=PIL_WORKERS)
-        cpu_loader = utils.make_loader(train_set, args.batch_size, "cpu", shuffle=True,
-                                       transform=utils.BatchTransform(size=size))
+        fast_loader = utils.make_loader(train_set, args.batch_size, "cpu", shuffle=True,
+                                        transform=utils.BatchTransform(size=size))
+        pipelines[size, "PIL per sample"] = (pil_loader, None)
+        pipelines[size, "fast, host"] = (fast_loader.loader, fast_augment(size))   # uint8 batches
+        pipelines[size, "fast, CPU e2e"] = (fast_loader, fast_augment(size))       # + BatchTransform
 
-        def fast(loader, size=size):
-            train_set.augment = fast_augment(size)
-            return images_per_second(loader, args.seconds, args.batches)
-
-        pipelines[size, "PIL per sample"] = lambda loader=pil_loader: images_per_second(
-            loader, args.seconds, args.batches)
-        pipelines[size, "fast, host"] = lambda loader=cpu_loader.loader: fast(loader)
-        pipelines[size, "fast, CPU e2e"] = lambda loader=cpu_loader: fast(loader)
+    def measure(key) -> float:
+        loader, augment = pipelines[key]
+        if augment is not None:
+            train_set.augment = augment     # the fast loaders share one in-memory data set
+        return images_per_second(loader, args.seconds, args.batches)
 
     rates = {key: [] for key in pipelines}
     for round_ in range(args.rounds):
         order = list(pipelines) if round_ % 2 == 0 else list(reversed(pipelines))
         for key in order:
-            rates[key].append(pipelines[key]())
+            rates[key].append(measure(key))
         print(f"round {round_ + 1}/{args.rounds}: " + "  ".join(
             f"{size}px {name} {rates[size, name][-1]:,.0f}" for size, name in pipelines))
 

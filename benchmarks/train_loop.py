@@ -6,7 +6,9 @@
    count, then the same evaluation on the test split that `utils.train` runs each epoch), on
    the same network, data, optimizer and settings, on the CPU. The two alternate for several
    rounds (A B, B A, ...), each from the same initial weights; the ratio is the median of the
-   per-round ratios, so load from other processes hits both sides alike.
+   per-round ratios, so load from other processes hits both sides alike. The target is judged
+   on this process's CPU time, which other processes' load barely moves; the wall-clock ratio
+   is shown beside it.
 2. `utils.confusion_matrix` + `utils.per_class_accuracy` against the source articles'
    per-image Python loop over each batch, on the same predictions and labels.
 """
@@ -72,14 +74,15 @@ def course_loop(model, train_loader, test_loader, num_epochs, optimizer, criteri
     return history.train_acc[-1], history.test_acc[-1]
 
 
-def timed_run(loop, initial_state, train_loader, test_loader, args) -> float:
-    """Seconds `loop` takes to train a SmallNet from `initial_state`."""
+def timed_run(loop, initial_state, train_loader, test_loader, args) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds `loop` takes to train a SmallNet from `initial_state`. CPU time
+    (of this process) barely moves when other processes compete for the cores; wall time does."""
     model = SmallNet()
     model.load_state_dict(initial_state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     loop(model, train_loader, test_loader, args.epochs, optimizer, nn.CrossEntropyLoss())
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def articles_per_class(batches, num_classes: int):
@@ -142,14 +145,18 @@ def main(argv=None) -> dict:
     loops = {"minimal loop": minimal_loop, "utils.train": course_loop}
     for loop in loops.values():                      # warm-up: allocator, first-call costs
         timed_run(loop, initial_state, train_loader, test_loader, args)
-    seconds = {name: [] for name in loops}
+    wall, cpu = {name: [] for name in loops}, {name: [] for name in loops}
     for round_ in range(args.rounds):
         for name in (list(loops) if round_ % 2 == 0 else list(reversed(loops))):
-            seconds[name].append(timed_run(loops[name], initial_state, train_loader, test_loader, args))
-        print(f"round {round_ + 1}/{args.rounds}: minimal {seconds['minimal loop'][-1]:.2f} s, "
-              f"utils.train {seconds['utils.train'][-1]:.2f} s")
-    ratios = [c / m for c, m in zip(seconds["utils.train"], seconds["minimal loop"])]
-    train_ratio = statistics.median(ratios)
+            seconds = timed_run(loops[name], initial_state, train_loader, test_loader, args)
+            wall[name].append(seconds[0])
+            cpu[name].append(seconds[1])
+        print(f"round {round_ + 1}/{args.rounds}: minimal {wall['minimal loop'][-1]:.2f} s "
+              f"(CPU {cpu['minimal loop'][-1]:.2f} s), utils.train {wall['utils.train'][-1]:.2f} s "
+              f"(CPU {cpu['utils.train'][-1]:.2f} s)")
+    cpu_ratios = [c / m for c, m in zip(cpu["utils.train"], cpu["minimal loop"])]
+    wall_ratios = [c / m for c, m in zip(wall["utils.train"], wall["minimal loop"])]
+    train_ratio, wall_ratio = statistics.median(cpu_ratios), statistics.median(wall_ratios)
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (args.predictions,), generator=generator)
@@ -174,19 +181,24 @@ def main(argv=None) -> dict:
     print("| --- | ---: | ---: | ---: | --- |")
     train_met = train_ratio <= TRAIN_OVERHEAD_TARGET
     per_class_met = per_class_speedup >= PER_CLASS_SPEEDUP_TARGET
-    print(f"| training run: minimal loop vs utils.train | {statistics.median(seconds['minimal loop']):.2f} s "
-          f"| {statistics.median(seconds['utils.train']):.2f} s | {train_ratio:.3f} "
+    print(f"| training run, CPU time: minimal loop vs utils.train | {statistics.median(cpu['minimal loop']):.2f} s "
+          f"| {statistics.median(cpu['utils.train']):.2f} s | {train_ratio:.3f} "
           f"| <= {TRAIN_OVERHEAD_TARGET:.2f}: {'met' if train_met else 'MISSED'} |")
+    print(f"| training run, wall clock: minimal loop vs utils.train | {statistics.median(wall['minimal loop']):.2f} s "
+          f"| {statistics.median(wall['utils.train']):.2f} s | {wall_ratio:.3f} | (noisier: shown, not judged) |")
     print(f"| per-class accuracy of {args.predictions:,} predictions: per-image loop vs vectorised "
           f"| {1000 * statistics.median(loop_seconds):.1f} ms | {1000 * statistics.median(vector_seconds):.2f} ms "
           f"| {1 / per_class_speedup:.4f} ({per_class_speedup:,.0f}x faster) "
           f"| >= {PER_CLASS_SPEEDUP_TARGET}x faster: {'met' if per_class_met else 'MISSED'} |")
-    print(f"\nutils.train / minimal loop per round: {min(ratios):.3f} to {max(ratios):.3f}, median {train_ratio:.3f}")
-    print(f"target: utils.train costs at most {100 * (TRAIN_OVERHEAD_TARGET - 1):.0f}% more than the minimal loop: "
+    print()
+    for kind, ratios in (("CPU time", cpu_ratios), ("wall clock", wall_ratios)):
+        print(f"utils.train / minimal loop per round, {kind}: "
+              f"{min(ratios):.3f} to {max(ratios):.3f}, median {statistics.median(ratios):.3f}")
+    print(f"target: utils.train costs at most {100 * (TRAIN_OVERHEAD_TARGET - 1):.0f}% more CPU time than the minimal loop: "
           f"{100 * (train_ratio - 1):+.1f}%, {'MET' if train_met else 'MISSED'}")
     print(f"target: vectorised per-class accuracy at least {PER_CLASS_SPEEDUP_TARGET}x faster: "
           f"{per_class_speedup:,.0f}x, {'MET' if per_class_met else 'MISSED'}")
-    return {"train_ratio": train_ratio, "train_target_met": train_met,
+    return {"train_ratio": train_ratio, "train_wall_ratio": wall_ratio, "train_target_met": train_met,
             "per_class_speedup": per_class_speedup, "per_class_target_met": per_class_met}
 
 

@@ -42,7 +42,7 @@ def test_input_pipeline_benchmark_measures_every_pipeline(data_dir, capsys):
 def test_train_loop_benchmark_compares_both_loops(data_dir, capsys):
     results = load_script("train_loop").main(
         ["--data-dir", str(data_dir), "--images", "32", "--batch-size", "16", "--rounds", "2",
-         "--predictions", "200"])
+         "--predictions", "200", "--threads", "0"])   # 0: leave the suite's thread count alone
     assert results["train_ratio"] > 0 and results["per_class_speedup"] > 0
     assert "utils.train" in capsys.readouterr().out
 
