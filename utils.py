@@ -889,7 +889,7 @@ def show_predictions(model: nn.Module, loader: DeviceLoader, classes, mean=None,
         ax.set_title(f"{classes[prediction]}\n({classes[label]})", fontsize=9,
                      color="green" if prediction == label else "red")
     accuracy = (predictions == labels).float().mean().item()
-    fig.suptitle(f"predicted (true): {accuracy:.1%} right on these {len(images)} test images")
+    fig.suptitle(f"predicted (true): {accuracy:.1%} right on these {len(images)} images")
     fig.tight_layout()
     if save_path:
         fig.savefig(save_path, dpi=80)
