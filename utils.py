@@ -1029,11 +1029,11 @@ DOWNLOAD_TIMEOUT = 10.0                # seconds for the whole download
 
 def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
     """Download `url` within `timeout` seconds in all and at most `max_bytes` bytes."""
-    request = urllib.request.Request(url, headers={"User-Agent": "cifar10-course/1.0"})
     deadline = time.monotonic() + timeout
     timed_out = ValueError(f"{url}: the download timed out after {timeout:g} s")
     chunks, size = [], 0
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "cifar10-course/1.0"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > max_bytes:
@@ -1057,6 +1057,10 @@ def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
         raise timed_out from None
     except (OSError, http.client.HTTPException) as err:
         raise ValueError(f"{url}: the download failed ({err!r})") from None
+    except ValueError as err:                                # a malformed URL
+        if str(err).startswith(url):
+            raise
+        raise ValueError(f"{url}: not a valid URL ({err})") from None
     data = b"".join(chunks)
     if not data:
         raise ValueError(f"{url}: the response was empty")
@@ -1108,6 +1112,8 @@ def load_image(source, *, timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MA
         name, data = f"the {len(source):,} bytes given", bytes(source)
     elif isinstance(source, str) and source.lower().startswith(("http://", "https://")):
         name, data = source, _fetch_url(source, timeout, max_bytes)
+    elif isinstance(source, str) and not source.strip():
+        raise ValueError("an empty string is neither a path nor a URL")
     elif isinstance(source, (str, os.PathLike)):
         path = pathlib.Path(source).expanduser()
         name = str(path)
@@ -1137,7 +1143,9 @@ def load_image(source, *, timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MA
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as err:
             raise ValueError(f"{name}: too many pixels, a possible decompression bomb ({err})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        except UnidentifiedImageError:
+            raise ValueError(f"{name}: not a readable image (not an image format Pillow knows)") from None
+        except (OSError, SyntaxError) as err:
             raise ValueError(f"{name}: not a readable image ({err})") from None
     width, height = image.size
     if width * height > max_pixels:

@@ -29,7 +29,7 @@ def headings(path):
 
 def test_the_course_has_its_notebooks():
     assert NOTEBOOKS, "no notebooks found"
-    assert {p.stem for p in NOTEBOOKS} <= EXPECTED
+    assert {p.stem for p in NOTEBOOKS} == EXPECTED
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

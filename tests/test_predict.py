@@ -129,6 +129,22 @@ def test_random_bytes_and_wrong_types():
         utils.load_image(io.StringIO("hello"))
 
 
+@pytest.mark.parametrize("url, reason", [
+    ("https://[::1", "not a valid URL"),
+    ("http://127.0.0.1:abc/x.png", "nonnumeric port"),
+    ("http://", "could not connect"),
+])
+def test_malformed_urls_name_the_url(url, reason):
+    with pytest.raises(ValueError) as err:
+        utils.load_image(url, timeout=2)
+    assert str(err.value).startswith(url) and reason in str(err.value)
+
+
+def test_empty_string_is_refused():
+    with pytest.raises(ValueError, match="empty string"):
+        utils.load_image("  ")
+
+
 def test_unsupported_url_scheme():
     with pytest.raises(ValueError, match="ftp://example.com/a.jpg: only http"):
         utils.load_image("ftp://example.com/a.jpg")
