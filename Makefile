@@ -25,6 +25,7 @@ demo: $(BIN)/.installed
 	  $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 	  --output-dir build notebooks/CustomCNN.ipynb
 	@echo
+	@$(BIN)/python -c "import json, sys; h = json.load(open(sys.argv[1])); print('test accuracy:            ' + format(h['test_acc'][-1], '.2%'), 'after', len(h['epoch']), 'epoch(s) on', h['info']['train_images'], 'training images,', round(h['seconds'][-1]), 's per epoch')" $(MODEL_DIR)/CustomCNN_best_history.json
 	@echo "executed notebook:        build/CustomCNN.ipynb   (open it with: make lab)"
 	@echo "checkpoints and history:  $$(ls $(MODEL_DIR)/CustomCNN*.pth $(MODEL_DIR)/CustomCNN*.json | tr '\n' ' ')"
 	@echo "plots:                    $$(ls $(MODEL_DIR)/CustomCNN*.png | tr '\n' ' ')"
