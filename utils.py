@@ -636,6 +636,11 @@ def _current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+def _dataset_size(loader) -> int | None:
+    dataset = getattr(loader, "dataset", None)
+    return len(dataset) if dataset is not None else None
+
+
 def _hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -689,7 +694,7 @@ def train(model: nn.Module, train_loader, test_loader, num_epochs: int, optimize
         "optimizer": type(optimizer).__name__,
         "scheduler": type(scheduler).__name__ if scheduler else None,
         "batch_size": getattr(train_loader, "batch_size", None),
-        "train_images": len(train_loader.dataset), "test_images": len(test_loader.dataset),
+        "train_images": _dataset_size(train_loader), "test_images": _dataset_size(test_loader),
         "amp": str(amp_dtype).replace("torch.", "") if amp else None,
     })
     if checkpoint_path:

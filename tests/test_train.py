@@ -201,3 +201,9 @@ def test_verbose_prints_one_line_per_epoch(loaders, capsys):
     run(loaders, epochs=2, verbose=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "test loss" in lines[0] and "lr" in lines[0]
+
+
+def test_any_iterable_of_batches_works_as_a_loader(loaders):
+    train_batches, test_batches = list(loaders[0]), list(loaders[1])
+    _, _, _, history = run((train_batches, test_batches), epochs=2)
+    assert history.epoch == [1, 2] and history.info["train_images"] is None
