@@ -1016,6 +1016,15 @@ def load_checkpoint(path, model: nn.Module | None = None, map_location="cpu") ->
     return meta
 
 
+def assert_same_weights(model: nn.Module, other: nn.Module) -> None:
+    """Raise `AssertionError` naming the first tensor (weight or buffer) in which two models
+    differ, bit for bit; the proof that a checkpoint round-tripped."""
+    mine, theirs = model.state_dict(), other.state_dict()
+    assert mine.keys() == theirs.keys(), f"different tensors: {sorted(mine.keys() ^ theirs.keys())}"
+    for name, tensor in mine.items():
+        assert torch.equal(tensor.cpu(), theirs[name].cpu()), f"{name} differs"
+
+
 def strip_module_prefix(state_dict: dict) -> dict:
     """Remove the `module.` that `nn.DataParallel` (and DDP) put before every key."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -1171,6 +1180,13 @@ def preprocess(image: Image.Image, input_size: int, mean, std) -> torch.Tensor:
     image = image.resize((input_size, input_size), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
     return ((x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)).unsqueeze(0)
+
+
+def print_top_k(pairs) -> None:
+    """Print (class name, probability) pairs from `predict` as a small table."""
+    width = max(len(name) for name, _ in pairs)
+    for name, probability in pairs:
+        print(f"{name:>{width}}: {probability:6.1%}")
 
 
 @torch.no_grad()

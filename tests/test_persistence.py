@@ -115,3 +115,12 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_assert_same_weights_names_the_differing_tensor():
+    model, copy = make_model(0), make_model(0)
+    utils.assert_same_weights(model, copy)
+    with torch.no_grad():
+        copy[1].running_var[0] += 1e-6
+    with pytest.raises(AssertionError, match="1.running_var"):
+        utils.assert_same_weights(model, copy)

@@ -256,3 +256,8 @@ def test_bad_urls_raise_value_error_naming_url_and_reason(server, path, options,
 def test_connection_refused_names_the_url():
     with pytest.raises(ValueError, match=r"http://127.0.0.1:9/x.png: could not connect"):
         utils.load_image("http://127.0.0.1:9/x.png", timeout=2)
+
+
+def test_print_top_k_prints_a_row_per_class(capsys):
+    utils.print_top_k([("cat", 0.75), ("automobile", 0.25)])
+    assert capsys.readouterr().out.splitlines() == ["       cat:  75.0%", "automobile:  25.0%"]
