@@ -1189,6 +1189,22 @@ def print_top_k(pairs) -> None:
         print(f"{name:>{width}}: {probability:6.1%}")
 
 
+def show_prediction(image: Image.Image, pairs, caption: str | None = None) -> None:
+    """Show `image` titled with the most likely class and its probability, then print
+    `caption` (if any) and the (class name, probability) table from `predict`. Returns
+    nothing, so that a notebook does not draw the figure twice."""
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(image)
+    ax.set_title(f"{pairs[0][0]} ({pairs[0][1]:.1%})")
+    ax.axis("off")
+    plt.show()
+    if caption:
+        print(caption)
+    print_top_k(pairs)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, source, classes, input_size: int, mean, std, topk: int = 5,
             **load_options) -> list[tuple[str, float]]:

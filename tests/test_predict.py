@@ -261,3 +261,12 @@ def test_connection_refused_names_the_url():
 def test_print_top_k_prints_a_row_per_class(capsys):
     utils.print_top_k([("cat", 0.75), ("automobile", 0.25)])
     assert capsys.readouterr().out.splitlines() == ["       cat:  75.0%", "automobile:  25.0%"]
+
+
+def test_show_prediction_titles_the_image_and_prints_the_table(capsys, monkeypatch):
+    import matplotlib.pyplot as plt
+    titles = []
+    monkeypatch.setattr(plt, "show", lambda: titles.append(plt.gca().get_title()))
+    utils.show_prediction(Image.new("RGB", (8, 8)), [("cat", 0.75), ("dog", 0.25)], "my photo")
+    assert titles == ["cat (75.0%)"]
+    assert capsys.readouterr().out.splitlines() == ["my photo", "cat:  75.0%", "dog:  25.0%"]
