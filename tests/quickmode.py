@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import tempfile
 
+import numpy as np
 from PIL import Image
 
 from tests import fakedata
@@ -27,7 +28,7 @@ def pytest_configure(config):
     fakedata.write_flower_photos(data_dir)
     served = root / "served"
     served.mkdir()
-    rng = fakedata.np.random.default_rng(1)
+    rng = np.random.default_rng(1)
     Image.fromarray(fakedata.class_image(3, 10, (120, 160), rng)).save(served / "cat.jpg")
     base_url, config._quickmode_server = fakedata.serve_directory(served)
     os.environ.update(QUICK_SETTINGS)
