@@ -1,39 +1,45 @@
 """Shared helpers for the CIFAR-10 course notebooks.
 
 Everything the notebooks repeat lives here; what each notebook teaches (its network, its
-recipe) stays in the notebook. Read it top to bottom, section by section:
+recipe) stays in the notebook. The sections follow the order of a lesson, and nothing is used
+above its definition:
 
     Setup         device, seeding, settings from environment variables
-    Data          CIFAR-10 in either layout, uint8 fast path, loaders that finish batches on the device
-    Image folders flower_photos: safe download, a reproducible split manifest, class index, file dataset
-    Training      `train` and its `History`
-    Evaluation    accuracy, per-class accuracy, confusion matrix, image grids
-    Persistence   checkpoints with metadata, atomic saves, weights-only loading
-    Prediction    any image source to top-k classes, with clear errors for bad input
-    Plotting      `plot_history`, `show_filters` and `show_feature_maps` (what a network learned)
+    Files         atomic writes, and earlier results kept aside instead of overwritten
+    Downloads     one downloader (requests), with time and size limits
+    Images        one decoder (any source, any mode, to 8-bit RGB), one folder scanner,
+                  one conversion to a uint8 tensor
+    Data          CIFAR-10 as train / validation / test, augmentation, `BatchTransform`
+                  (the one normalisation), loaders that finish batches on the device
+    Image folders flower_photos: safe unpacking, a reproducible train/val/test split
+    Persistence   checkpoints with metadata, weights-only loading with errors in words
+    Evaluation    logits of a whole loader, accuracy, per-class accuracy, confusion matrix
+    Training      `train`: validation-chosen best checkpoint, resumable, and its `History`
+    Prediction    any image to top-k classes, preprocessed exactly as in training
+    Plotting      every figure: images, predictions, confusion matrix, history, filters
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
-import http.client
 import io
 import json
 import math
 import os
 import pathlib
+import pickle
 import platform
 import random
 import shutil
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,8 +49,6 @@ from tqdm.auto import tqdm
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the training images, in [0, 1]
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)   # per-channel std of the training images
 
@@ -93,6 +97,241 @@ def env_str(name: str, default: str) -> str:
 def env_path(name: str, default: str | os.PathLike) -> pathlib.Path:
     """The folder named by environment variable `name` (or `default`), made absolute."""
     return pathlib.Path(env_str(name, str(default))).expanduser().resolve()
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+
+
+# =============================================================================================
+# Files
+# =============================================================================================
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash or kill at any moment leaves either the old file or the new one."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())   # mkstemp makes files private; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _backup_existing(path: pathlib.Path) -> pathlib.Path | None:
+    """Rename an existing file to `<stem>.<its modification time><suffix>` so that a new run
+    never overwrites an earlier run's result. Returns the backup's path, if any."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while backup.exists():
+        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    os.replace(path, backup)
+    print(f"Kept the earlier {path.name} as {backup.name}")
+    return backup
+
+
+# =============================================================================================
+# Downloads
+# =============================================================================================
+
+USER_AGENT = "cifar10-course/2.0"
+
+
+def download(url: str, file, *, timeout: float, max_bytes: int, progress: bool = False) -> str:
+    """Stream `url` into the binary file object `file` within `timeout` seconds in all and at
+    most `max_bytes` bytes; returns the response's Content-Type.
+
+    Raises `ValueError` starting with the URL and giving the reason: not a valid URL, could not
+    connect, an HTTP error, a time-out (also for a server that trickles), a declared or actual
+    size over the limit, or an empty response.
+    """
+    deadline = time.monotonic() + timeout
+    timed_out = ValueError(f"{url}: the download timed out after {timeout:g} s")
+    size = 0
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": USER_AGENT}) as response:
+            if response.status_code >= 400:
+                raise ValueError(f"{url}: HTTP error {response.status_code} {response.reason}")
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise ValueError(f"{url}: the response is {int(length):,} bytes, over the "
+                                 f"{max_bytes:,}-byte limit")
+            with tqdm(total=int(length) if length.isdigit() else None, unit="B", unit_scale=True,
+                      desc=f"downloading {url.rsplit('/', 1)[-1]}", disable=not progress) as bar:
+                # read1 returns whatever has arrived, so a trickling server cannot stall the deadline
+                while chunk := response.raw.read1(64 * 1024, decode_content=True):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ValueError(f"{url}: the download passed the {max_bytes:,}-byte limit")
+                    if time.monotonic() > deadline:
+                        raise timed_out
+                    file.write(chunk)
+                    bar.update(len(chunk))
+            content_type = response.headers.get("Content-Type", "")
+    except (requests.exceptions.Timeout, TimeoutError):
+        raise timed_out from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema, requests.exceptions.URLRequired) as err:
+        raise ValueError(f"{url}: not a valid URL ({err})") from None
+    except requests.exceptions.ConnectionError as err:
+        if "timed out" in str(err).lower():
+            raise timed_out from None
+        raise ValueError(f"{url}: could not connect ({err})") from None
+    except (requests.exceptions.RequestException, OSError) as err:
+        raise ValueError(f"{url}: the download failed ({err!r})") from None
+    if size == 0:
+        raise ValueError(f"{url}: the response was empty")
+    return content_type
+
+
+# =============================================================================================
+# Images
+# =============================================================================================
+
+MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024  # refuse bigger image files and downloads
+MAX_IMAGE_PIXELS = 50_000_000          # refuse bigger images (decompression bombs)
+DOWNLOAD_TIMEOUT = 10.0                # seconds for a whole image download
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit and float greyscale are rescaled, transparent
+    pixels are composited onto white, and EXIF orientation is applied."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and array.max(initial=0) <= 1 else \
+            255.0 if array.max(initial=0) <= 255 else 65535.0
+        array = np.clip(array / top * 255, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
+    buffer = io.BytesIO()
+    content_type = download(url, buffer, timeout=timeout, max_bytes=max_bytes)
+    data = buffer.getvalue()
+    if content_type and not content_type.startswith("image/"):
+        # the bytes decide: a mislabelled image is still an image, a web page is not
+        try:
+            with Image.open(io.BytesIO(data)):
+                pass
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            raise ValueError(f"{url}: the response is {content_type.split(';')[0]}, not an image") from None
+    return data
+
+
+def _read_source(source, timeout: float, max_bytes: int) -> tuple[str, bytes]:
+    """(a name for messages, the bytes) of a path, http(s) URL, bytes or binary file object."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"the {len(source):,} bytes given", bytes(source)
+    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        return source, _read_url(source, timeout, max_bytes)
+    if isinstance(source, str) and not source.strip():
+        raise ValueError("an empty string is neither a path nor a URL")
+    if isinstance(source, (str, os.PathLike)):
+        if "://" in str(source):
+            raise ValueError(f"{source}: only http:// and https:// URLs are supported")
+        path = pathlib.Path(source).expanduser()
+        if not path.exists():
+            raise ValueError(f"{path}: no such file")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a file")
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"{path}: {path.stat().st_size:,} bytes, over the {max_bytes:,}-byte limit")
+        return str(path), path.read_bytes()
+    if hasattr(source, "read"):
+        name = getattr(source, "name", "the file object")
+        data = source.read(max_bytes + 1)
+        if not isinstance(data, bytes):
+            raise ValueError(f"{name}: opened in text mode; open images with 'rb'")
+        if len(data) > max_bytes:
+            raise ValueError(f"{name}: over the {max_bytes:,}-byte limit")
+        return name, data
+    raise ValueError(f"cannot read an image from {type(source).__name__}: pass a path, "
+                     f"an http(s) URL, bytes, a binary file or a PIL image")
+
+
+def load_image(source, *, timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read an image from a path, an http(s) URL, bytes, a binary file object or a PIL image,
+    as 8-bit RGB. The course's one image decoder: training data and new photos both pass here.
+
+    Raises `ValueError` naming the source and the reason for anything that is not a readable
+    image: a missing file, a non-image, a truncated image, an HTTP error, a time-out, a
+    download over `max_bytes`, or more than `max_pixels` pixels (a decompression bomb).
+    """
+    if isinstance(source, Image.Image):
+        name, image = "the PIL image", source
+    else:
+        name, data = _read_source(source, timeout, max_bytes)
+        if not data:
+            raise ValueError(f"{name}: empty, not an image")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"{name}: too many pixels, a possible decompression bomb ({err})") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"{name}: not a readable image (not an image format Pillow knows)") from None
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"{name}: not a readable image ({err})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"{name}: {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
+                         f"(a possible decompression bomb)")
+    if width == 0 or height == 0:
+        raise ValueError(f"{name}: the image is empty ({width}x{height})")
+    try:
+        image.load()
+        return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as err:
+        reason = "truncated" if "truncated" in str(err) else "corrupt or unsupported"
+        raise ValueError(f"{name}: the image is {reason} ({err})") from None
+
+
+def image_to_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
+    """An RGB PIL image as a uint8 tensor (3, H, W), first resized to `size` x `size` (bilinear,
+    antialiased when shrinking) unless it already has that size. Training data and new photos
+    both pass here, so a network sees the same pixels in training and at prediction time."""
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def scan_image_folder(root) -> tuple[list[str], list[str]]:
+    """(classes, files): the class folders under `root` and the image files in them as relative
+    POSIX paths "class/name", both sorted, whatever order the file system lists them in."""
+    root = pathlib.Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = sorted(f"{c}/{f.name}" for c in classes for f in (root / c).iterdir()
+                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+    return classes, files
 
 
 # =============================================================================================
@@ -158,31 +397,28 @@ def _subset_indices(n: int, subset: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:subset].sort().values
 
 
-def _decode_rgb(path: pathlib.Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+def stratified_split(members_by_class: dict, fractions, seed: int) -> list[list]:
+    """Split each class's members into [rest, part 1, part 2, ...]: part k takes `fractions[k]`
+    of the class (at least one member), the first list keeps the rest (at least one).
 
-
-def _load_image_folder(split_dir: pathlib.Path, subset: int):
-    """Decode an image-folder split (`<class>/*`) into a uint8 tensor (N, 3, H, W)."""
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    files = [(f, label) for label, c in enumerate(classes)
-             for f in sorted((split_dir / c).iterdir()) if f.is_file() and not f.name.startswith(".")]
-    if not files:
-        raise DataNotFoundError(f"no images found under {split_dir}")
-    files = [files[i] for i in _subset_indices(len(files), subset)]
-    arrays = []
-    for f, _ in files:
-        try:
-            arrays.append(_decode_rgb(f))
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"{f}: not a readable image ({err})") from None
-    sizes = {a.shape for a in arrays}
-    if len(sizes) != 1:
-        raise ValueError(f"{split_dir}: images must all have one size, found {sorted(sizes)[:3]}")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([label for _, label in files])
-    return images, labels, classes
+    Each class is shuffled by its own generator, seeded with a string (which Python hashes with
+    SHA-512, not with the per-process `hash`), so the split is the same on every machine.
+    """
+    parts = [[] for _ in range(len(fractions) + 1)]
+    for name, members in members_by_class.items():
+        members = list(members)
+        if len(members) < len(fractions) + 1:
+            raise ValueError(f"class {name!r} has {len(members)} item(s): "
+                             f"a {len(fractions) + 1}-way split needs at least {len(fractions) + 1}")
+        random.Random(f"{seed}/{name}").shuffle(members)
+        start = 0
+        for k, fraction in enumerate(fractions, start=1):
+            room = len(members) - start - (len(fractions) - k) - 1   # leave one for each later part
+            count = min(max(1, round(len(members) * fraction)), room)
+            parts[k] += members[start:start + count]
+            start += count
+        parts[0] += members[start:]
+    return [sorted(part) for part in parts]
 
 
 def _cifar10_missing_message(data_dir: pathlib.Path, reason: str) -> str:
@@ -194,28 +430,35 @@ def _cifar10_missing_message(data_dir: pathlib.Path, reason: str) -> str:
             f"or run once with internet access to download it, or set DATA_DIR to a folder that has it.")
 
 
-def load_cifar10(data_dir, subset: int = 0, augment=None, download: bool = True):
-    """CIFAR-10 as two `UInt8ImageDataset`s (train, test), from `data_dir` in either layout.
-
-    Looks for `data_dir/cifar10/{train,test}/<class>/*` first, then torchvision's
-    `data_dir/cifar-10-batches-py`; downloads the latter when both are missing and `download`
-    is true. `subset` > 0 keeps at most that many images per split (a fixed random draw).
-    `augment` applies to the training split only: the test split is never augmented.
-    Raises `DataNotFoundError` naming DATA_DIR, both layouts and how to get the data.
-    """
-    data_dir = pathlib.Path(data_dir).expanduser().resolve()
-    folder = data_dir / "cifar10"
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        train = _load_image_folder(folder / "train", subset)
-        test = _load_image_folder(folder / "test", subset)
-        if train[2] != test[2]:
-            raise ValueError(f"{folder}: train classes {train[2]} differ from test classes {test[2]}")
-    else:
-        train, test = _load_torchvision_cifar10(data_dir, subset, download)
-    return (UInt8ImageDataset(*train, augment=augment), UInt8ImageDataset(*test))
+def _decode_files(paths: list[pathlib.Path]) -> torch.Tensor:
+    """Decode image files with `load_image` into one uint8 tensor (N, 3, H, W); all must have
+    one size. Threads overlap the decoding, which Pillow runs without holding the GIL."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        images = list(pool.map(lambda path: image_to_tensor(load_image(path)), paths, chunksize=256))
+    sizes = sorted({tuple(image.shape[1:]) for image in images})
+    if len(sizes) > 1:
+        raise ValueError(f"{paths[0].parent.parent}: images must all have one size, found {sizes[:3]}")
+    return torch.stack(images)
 
 
-def _load_torchvision_cifar10(data_dir: pathlib.Path, subset: int, download: bool):
+def _cifar10_folder(folder: pathlib.Path):
+    """(classes, train files, train labels, test files, test labels) of the image-folder layout."""
+    splits = []
+    for split in ("train", "test"):
+        classes, files = scan_image_folder(folder / split)
+        if not files:
+            raise DataNotFoundError(f"no images found under {folder / split}/<class>/")
+        lookup = {name: label for label, name in enumerate(classes)}
+        splits.append((classes, [folder / split / f for f in files],
+                       torch.tensor([lookup[f.split("/", 1)[0]] for f in files])))
+    (classes, train_files, train_labels), (test_classes, test_files, test_labels) = splits
+    if classes != test_classes:
+        raise ValueError(f"{folder}: train classes {classes} differ from test classes {test_classes}")
+    return classes, train_files, train_labels, test_files, test_labels
+
+
+def _torchvision_cifar10(data_dir: pathlib.Path, download: bool):
+    """(classes, train images, train labels, test images, test labels) of torchvision's layout."""
     from torchvision.datasets import CIFAR10
 
     splits = []
@@ -227,20 +470,54 @@ def _load_torchvision_cifar10(data_dir: pathlib.Path, subset: int, download: boo
                 raise DataNotFoundError(_cifar10_missing_message(data_dir, "download=False")) from None
             try:
                 dataset = CIFAR10(str(data_dir), train=is_train, download=True)
-            except (OSError, RuntimeError, urllib.error.URLError) as err:
+            except (OSError, RuntimeError) as err:           # URLError is an OSError
                 raise DataNotFoundError(_cifar10_missing_message(data_dir, f"offline? {err}")) from None
-        keep = _subset_indices(len(dataset.data), subset)
-        images = torch.from_numpy(dataset.data)[keep].permute(0, 3, 1, 2).contiguous()
-        splits.append((images, torch.tensor(dataset.targets)[keep], dataset.classes))
-    return splits
+        splits.append((torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(),
+                       torch.tensor(dataset.targets)))
+    return dataset.classes, *splits[0], *splits[1]
+
+
+def load_cifar10(data_dir, subset: int = 0, augment=None, val_fraction: float = 0.1,
+                 seed: int = 0, download: bool = True):
+    """CIFAR-10 as three `UInt8ImageDataset`s: (train, val, test).
+
+    The validation split is `val_fraction` of each class of the 50,000 training images
+    (5,000 images by default), drawn with `seed` the same way on every machine (see
+    `stratified_split`); the official 10,000 test images stay the test split. `augment`
+    applies to the training split only: val and test are never augmented. `subset` > 0 keeps
+    at most that many images per split (a fixed random draw, made after the split).
+
+    Looks for `data_dir/cifar10/{train,test}/<class>/*` first, then torchvision's
+    `data_dir/cifar-10-batches-py`; downloads the latter when both are missing and `download`
+    is true. Raises `DataNotFoundError` naming DATA_DIR, both layouts and how to get the data.
+    """
+    data_dir = pathlib.Path(data_dir).expanduser().resolve()
+    folder = data_dir / "cifar10"
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        classes, train_source, train_labels, test_source, test_labels = _cifar10_folder(folder)
+    else:
+        classes, train_source, train_labels, test_source, test_labels = _torchvision_cifar10(data_dir, download)
+
+    by_class = {name: (train_labels == label).nonzero().flatten().tolist() for label, name in enumerate(classes)}
+    train_indices, val_indices = stratified_split(by_class, [val_fraction], seed)
+    chosen = [[indices[i] for i in _subset_indices(len(indices), subset)]
+              for indices in (train_indices, val_indices, list(range(len(test_labels))))]
+    datasets = []
+    for indices, source, labels, split_augment in zip(
+            chosen, (train_source, train_source, test_source), (train_labels, train_labels, test_labels),
+            (augment, None, None)):
+        images = _decode_files([source[i] for i in indices]) if isinstance(source, list) else source[indices]
+        datasets.append(UInt8ImageDataset(images, labels[indices], classes, augment=split_augment))
+    return tuple(datasets)
 
 
 class BatchTransform(nn.Module):
-    """Finish a batch on the training device: uint8 -> float in [0, 1], resize, normalise.
+    """Finish a uint8 batch on the training device: float in [0, 1], normalise, resize.
 
-    Doing this once per batch on the GPU (instead of per image in PIL on the CPU) is what
-    keeps a fast GPU fed from a 2-core host. Float batches pass through untouched, so loaders
-    whose workers already produce normalised tensors (real photos) can share the same code.
+    The course's one normalisation: every loader yields uint8 images and this module turns
+    them into what the network takes, in training and at prediction time alike. Doing it once
+    per batch on the GPU (instead of per image in PIL on the CPU) is what keeps a fast GPU fed
+    from a 2-core host.
     """
 
     def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD, size: int | None = None):
@@ -249,31 +526,30 @@ class BatchTransform(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:   # (B, 3, h, w) uint8
         if images.dtype != torch.uint8:
-            return images
+            raise TypeError(f"BatchTransform takes uint8 images, got {images.dtype}")
         # Normalise before upscaling: bilinear weights sum to 1, so the result is the same,
         # but the arithmetic runs on 32x32 pixels instead of 227x227 (50 times fewer).
-        x = images.float().div_(255).sub_(self.mean).div_(self.std)   # (B, 3, h, w)
+        x = images.float().div_(255).sub_(self.mean).div_(self.std)
         if self.size is not None and x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=False)
-        return x                                                       # (B, 3, size, size)
+        return x                                                # (B, 3, size, size) float
 
 
 class DeviceLoader:
     """Wrap a DataLoader so that it yields batches ready for the model on `device`.
 
     Copies are non-blocking from pinned memory on CUDA; `transform` (a `BatchTransform`) runs
-    on the device. It keeps `dataset`, `batch_size` and `len()` of the wrapped loader.
+    on the device. It keeps `dataset`, `batch_size`, `generator` (the shuffling's random state,
+    which a resumed run restores) and `len()` of the wrapped loader.
     """
 
-    def __init__(self, loader: DataLoader, device, transform: nn.Module | None = None,
-                 channels_last: bool = False):
+    def __init__(self, loader: DataLoader, device, transform: nn.Module | None = None):
         self.loader, self.device = loader, torch.device(device)
         self.transform = transform.to(self.device) if transform is not None else None
-        self.channels_last = channels_last
-        self.dataset, self.batch_size = loader.dataset, loader.batch_size
+        self.dataset, self.batch_size, self.generator = loader.dataset, loader.batch_size, loader.generator
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -284,8 +560,6 @@ class DeviceLoader:
         labels = labels.to(self.device, non_blocking=non_blocking)
         if self.transform is not None:
             images = self.transform(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         return images, labels
 
     def __iter__(self):
@@ -300,17 +574,16 @@ class DeviceLoader:
         return self._ready(images, labels)
 
 
-
 def default_num_workers() -> int:
-    """DataLoader workers for per-sample PIL pipelines: one per core, leaving one for training."""
+    """DataLoader workers for datasets that decode files: one per core, leaving one for training."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def make_loader(dataset: Dataset, batch_size: int, device, *, shuffle: bool,
                 transform: nn.Module | None = None, num_workers: int = 0,
                 drop_last: bool = False, seed: int = 0) -> DeviceLoader:
-    """A `DeviceLoader` over `dataset`: shuffled with a seeded generator when `shuffle`,
-    pinned memory on CUDA, persistent workers when `num_workers` > 0.
+    """A `DeviceLoader` over `dataset`: shuffled with a generator seeded with `seed` when
+    `shuffle`, pinned memory on CUDA, persistent workers when `num_workers` > 0.
 
     In-memory uint8 datasets need no workers (`num_workers=0`): indexing them costs
     microseconds. Datasets that decode files per sample want `default_num_workers()`.
@@ -323,31 +596,13 @@ def make_loader(dataset: Dataset, batch_size: int, device, *, shuffle: bool,
     return DeviceLoader(loader, device, transform)
 
 
-def show_images(images: torch.Tensor, labels, classes, mean=None, std=None, ncols: int = 8,
-                title: str | None = None):
-    """A grid of images (uint8, or float normalised with mean/std) titled with their class names."""
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.7 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, label in zip(axes.flat, images, labels):
-        imshow(image, mean, std, ax=ax)
-        ax.set_title(classes[int(label)], fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
 # =============================================================================================
 # Image folders (flower_photos)
 # =============================================================================================
 
 FLOWER_PHOTOS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_ARCHIVE_BYTES = 2 * 1024 ** 3      # refuse bigger data set archives
+ARCHIVE_TIMEOUT = 3600.0               # seconds for a whole data set download
 
 
 class DataChangedError(ValueError):
@@ -360,23 +615,6 @@ def _flower_photos_missing_message(data_dir: pathlib.Path, reason: str) -> str:
             f"(daisy, dandelion, roses, sunflowers, tulips).\n"
             f"Download {FLOWER_PHOTOS_URL} and unpack it into {data_dir}, "
             f"or run once with internet access, or set DATA_DIR to a folder that has it.")
-
-
-def _download_file(url: str, path: pathlib.Path, timeout: float = 60.0) -> None:
-    """Download `url` to `path` with a progress bar. A short read (fewer bytes than the server
-    announced) raises `OSError`, like a network error."""
-    request = urllib.request.Request(url, headers={"User-Agent": "cifar10-course/1.0"})
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "wb") as f:
-        length = response.headers.get("Content-Length", "")
-        total = int(length) if length.isdigit() else None
-        size = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url.rsplit('/', 1)[-1]}") as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                size += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and size != total:
-        raise OSError(f"{url}: received {size:,} of {total:,} bytes")
 
 
 def _unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
@@ -440,8 +678,9 @@ def load_flower_photos(data_dir, download: bool = True) -> pathlib.Path:
     try:
         archive = tmp / "flower_photos.tgz"
         try:
-            _download_file(FLOWER_PHOTOS_URL, archive)
-        except (OSError, http.client.HTTPException) as err:    # URLError and time-outs are OSErrors
+            with open(archive, "wb") as f:
+                download(FLOWER_PHOTOS_URL, f, timeout=ARCHIVE_TIMEOUT, max_bytes=MAX_ARCHIVE_BYTES, progress=True)
+        except ValueError as err:
             raise DataNotFoundError(_flower_photos_missing_message(data_dir, f"offline? {err}")) from None
         safe_extract_tar(archive, tmp / "unpacked")
         unpacked = tmp / "unpacked" / "flower_photos"
@@ -453,94 +692,91 @@ def load_flower_photos(data_dir, download: bool = True) -> pathlib.Path:
     return root
 
 
-def _scan_image_folder(root: pathlib.Path) -> tuple[list[str], list[str]]:
-    """(classes, files): the class folders under `root` and the image files in them as relative
-    POSIX paths "class/name", both sorted, whatever order the file system lists them in."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = sorted(f"{c}/{f.name}" for c in classes for f in (root / c).iterdir()
-                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
-    return classes, files
-
-
-def _stratified_split(files: list[str], classes: list[str], val_fraction: float, seed: int):
-    """(train, val): from each class, `val_fraction` of its files (at least one) go to val.
-    Each class is shuffled by its own generator, seeded with a string (which Python hashes with
-    SHA-512, not with the per-process `hash`), so the split is the same on every machine."""
-    train, val = [], []
-    for name in classes:
-        members = [f for f in files if f.split("/", 1)[0] == name]
-        if len(members) < 2:
-            raise ValueError(f"class {name!r} has {len(members)} image(s): a split needs at least 2")
-        random.Random(f"{seed}/{name}").shuffle(members)
-        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
-        val += sorted(members[:n_val])
-        train += sorted(members[n_val:])
-    return train, val
-
-
-def _file_digest(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _file_record(path: pathlib.Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _read_manifest(path: pathlib.Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
-        if not {"val_fraction", "seed", "classes", "train", "val", "files"} <= manifest.keys():
-            raise ValueError("keys are missing")
+        if not {"fractions", "seed", "classes", "train", "val", "test", "files"} <= manifest.keys():
+            raise ValueError("keys are missing; an older version of the course may have made it")
     except (ValueError, AttributeError) as err:
-        raise ValueError(f"{path}: not a split manifest ({err}); delete it to split afresh") from None
+        raise ValueError(f"{path}: not a train/val/test split manifest ({err}); "
+                         f"delete it to split afresh") from None
     return manifest
 
 
-def _check_unchanged(recorded: dict, current: dict, root: pathlib.Path, manifest_path: pathlib.Path) -> None:
-    """Raise `DataChangedError` listing the files added, removed or changed since the manifest."""
-    added = sorted(current.keys() - recorded.keys())
-    removed = sorted(recorded.keys() - current.keys())
-    changed = sorted(f for f in current.keys() & recorded.keys() if current[f] != recorded[f])
-    if not (added or removed or changed):
-        return
-    lines = [f"  {kind} ({len(names)}): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-             for kind, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
-    raise DataChangedError(
-        f"{root} is not what its split manifest {manifest_path} was made from:\n" + "\n".join(lines) +
-        f"\nRestore the original files, or delete {manifest_path} to split the current files afresh "
-        f"(a model trained on the old split may then have seen some of the new val images).")
+def _verify_files(root: pathlib.Path, files: list[str], manifest: dict, manifest_path: pathlib.Path) -> bool:
+    """Check the files under `root` against the manifest: names first, then size and modification
+    time, and a SHA-256 only for a file whose size or time changed. Returns whether any file's
+    recorded size and time were refreshed (its content matched); raises `DataChangedError`
+    listing the files added, removed or changed since the manifest was made."""
+    recorded = manifest["files"]
+    added = sorted(set(files) - recorded.keys())
+    removed = sorted(recorded.keys() - set(files))
+    changed, refreshed = [], False
+    for name in sorted(set(files) & recorded.keys()):
+        stat = (root / name).stat()
+        if (stat.st_size, stat.st_mtime_ns) == (recorded[name]["size"], recorded[name]["mtime_ns"]):
+            continue
+        record = _file_record(root / name)
+        if record["sha256"] != recorded[name]["sha256"]:
+            changed.append(name)
+        else:
+            recorded[name], refreshed = record, True           # copied or touched, same content
+    if added or removed or changed:
+        lines = [f"  {kind} ({len(names)}): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+                 for kind, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+        raise DataChangedError(
+            f"{root} is not what its split manifest {manifest_path} was made from:\n" + "\n".join(lines) +
+            f"\nRestore the original files, or delete {manifest_path} to split the current files afresh "
+            f"(a model trained on the old split may then have seen some of the new val and test images).")
+    return refreshed
 
 
-def split_image_folder(root, manifest_path, val_fraction: float = 0.1, seed: int = 0):
-    """Split an image folder `root/<class>/*` into train and val, stratified by class: each class
-    gives `val_fraction` of its images (at least one) to val. The file names are sorted before a
-    generator seeded with `seed` shuffles them, so every machine makes the same split.
+def split_image_folder(root, manifest_path, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                       seed: int = 0):
+    """Split an image folder `root/<class>/*` into train, val and test, stratified by class:
+    each class gives `val_fraction` and `test_fraction` of its images (at least one each) to
+    val and test, the rest to train, the same way on every machine (see `stratified_split`).
 
-    The split is a list of files, written once to the JSON `manifest_path` with a SHA-256 of every
-    file; nothing under `root` is moved, changed or written. Later calls reuse the manifest and
-    write nothing, after checking that the files are the same (by content, so a copied or moved
-    folder still matches). Returns (train_files, val_files, classes), the files as paths under `root`.
+    The split is a list of files, written once to the JSON `manifest_path` with the size,
+    modification time and SHA-256 of every file; nothing under `root` is moved, changed or
+    written. Later calls reuse the manifest after checking that the files are the same: by size
+    and time, which is cheap, and by content only for a file whose size or time changed (so a
+    copied folder still matches; its new times are then recorded). Returns
+    (train_files, val_files, test_files, classes), the files as paths under `root`.
     Raises `DataChangedError` naming the files added, removed or changed since the manifest was
-    made, and `ValueError` when the manifest was made with another `val_fraction` or `seed`.
+    made, and `ValueError` when the manifest was made with other fractions or another seed.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    fractions = {"val": val_fraction, "test": test_fraction}
+    if not (all(0 < f < 1 for f in fractions.values()) and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction and test_fraction must be between 0 and 1 and leave room "
+                         f"for training, got {val_fraction} and {test_fraction}")
     root = pathlib.Path(root).expanduser().resolve()
     manifest_path = pathlib.Path(manifest_path)
-    classes, files = _scan_image_folder(root)
+    classes, files = scan_image_folder(root)
     if not files:
         raise DataNotFoundError(f"no images found under {root}/<class>/")
-    digests = {f: _file_digest(root / f) for f in files}
     if manifest_path.exists():
         manifest = _read_manifest(manifest_path)
-        if (manifest["val_fraction"], manifest["seed"]) != (val_fraction, seed):
-            raise ValueError(f"{manifest_path} holds a split with val_fraction={manifest['val_fraction']}, "
-                             f"seed={manifest['seed']}, not val_fraction={val_fraction}, seed={seed}: "
-                             f"pass those, or another manifest path")
-        _check_unchanged(manifest["files"], digests, root, manifest_path)
-        classes, train, val = manifest["classes"], manifest["train"], manifest["val"]
+        if (manifest["fractions"], manifest["seed"]) != (fractions, seed):
+            raise ValueError(f"{manifest_path} holds a split with {manifest['fractions']}, seed={manifest['seed']}, "
+                             f"not {fractions}, seed={seed}: pass those, or another manifest path")
+        if _verify_files(root, files, manifest, manifest_path):
+            _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     else:
-        train, val = _stratified_split(files, classes, val_fraction, seed)
-        data = json.dumps({"root": str(root), "val_fraction": val_fraction, "seed": seed, "classes": classes,
-                           "train": train, "val": val, "files": digests}, indent=1).encode()
-        _atomic_write(manifest_path, lambda f: f.write(data))
-    return [root / f for f in train], [root / f for f in val], list(classes)
+        by_class = {name: [f for f in files if f.split("/", 1)[0] == name] for name in classes}
+        train, val, test = stratified_split(by_class, [val_fraction, test_fraction], seed)
+        manifest = {"root": str(root), "fractions": fractions, "seed": seed, "classes": classes,
+                    "train": train, "val": val, "test": test,
+                    "files": {f: _file_record(root / f) for f in files}}
+        _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    return ([root / f for f in manifest["train"]], [root / f for f in manifest["val"]],
+            [root / f for f in manifest["test"]], list(manifest["classes"]))
 
 
 def write_class_index(path, classes) -> pathlib.Path:
@@ -549,7 +785,7 @@ def write_class_index(path, classes) -> pathlib.Path:
     path = pathlib.Path(path)
     data = json.dumps({str(i): name for i, name in enumerate(classes)}, indent=4).encode()
     if not (path.is_file() and path.read_bytes() == data):
-        _atomic_write(path, lambda f: f.write(data))
+        _atomic_write(path, data)
     return path
 
 
@@ -569,13 +805,14 @@ def read_class_index(path) -> list[str]:
 
 class ImageFileDataset(Dataset):
     """Image files whose class is the name of their folder (`.../<class>/<file>`), decoded with
-    `load_image` (any mode to RGB, EXIF rotation applied) only when an item is read, so that the
-    decoding runs in the DataLoader's worker processes. `transform` (e.g. a torchvision transform)
-    turns the PIL image into what the model takes; without it, items are PIL images.
-    `subset` > 0 keeps at most that many files (a fixed random draw).
+    `load_image` only when an item is read, so that the decoding runs in the DataLoader's
+    worker processes. `augment` (e.g. torchvision's RandomResizedCrop and RandomHorizontalFlip)
+    takes and returns a PIL image; then `image_to_tensor` makes it a uint8 (3, image_size,
+    image_size) tensor, for `BatchTransform` to finish on the device, exactly as at prediction
+    time. `subset` > 0 keeps at most that many files (a fixed random draw).
     """
 
-    def __init__(self, files, classes, transform=None, subset: int = 0):
+    def __init__(self, files, classes, image_size: int, augment=None, subset: int = 0):
         files = [pathlib.Path(f) for f in files]
         self.files = [files[i] for i in _subset_indices(len(files), subset).tolist()]
         self.classes = list(classes)
@@ -584,16 +821,213 @@ class ImageFileDataset(Dataset):
         if unknown:
             raise ValueError(f"files in folders that are not classes: {unknown} (classes: {self.classes})")
         self.labels = torch.tensor([lookup[f.parent.name] for f in self.files], dtype=torch.long)
-        self.transform = transform
+        self.image_size, self.augment = image_size, augment
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         image = load_image(self.files[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image_to_tensor(image, self.image_size), self.labels[index]
+
+
+# =============================================================================================
+# Persistence
+# =============================================================================================
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a training run keeps its files: `model_dir/<name>_best.pth` (the checkpoint the
+    validation chose), `<name>_last.pth` (everything needed to resume) and `<name>_history.json`."""
+    model_dir: pathlib.Path
+    name: str
+
+    @property
+    def best(self) -> pathlib.Path:
+        return pathlib.Path(self.model_dir) / f"{self.name}_best.pth"
+
+    @property
+    def last(self) -> pathlib.Path:
+        return pathlib.Path(self.model_dir) / f"{self.name}_last.pth"
+
+    @property
+    def history(self) -> pathlib.Path:
+        return pathlib.Path(self.model_dir) / f"{self.name}_history.json"
+
+
+def _plain(value):
+    """Metadata as plain Python types, which `torch.load(weights_only=True)` accepts."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, pathlib.Path)):
+        return str(value)                                 # also str subclasses like TorchVersion
+    return value
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)            # torch.compile wrapper
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def _checkpoint_bytes(model: nn.Module, meta: dict, training: dict | None = None) -> bytes:
+    model = _unwrap(model)
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": _plain({"arch": type(model).__name__, **meta,
+                        "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "torch": str(torch.__version__)}),
+    }
+    if training is not None:
+        checkpoint["training"] = training
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path, model: nn.Module, *, backup: bool = True, **meta) -> pathlib.Path:
+    """Save the model's state_dict with plain metadata: what prediction needs (`classes`,
+    `image_size`: the size images are stored at before the batch transform, `input_size`: what
+    the network takes, `mean`, `std`), the architecture's name (`arch`, default the class name)
+    and anything else worth keeping (epochs, accuracies).
+
+    The write is atomic; with `backup`, a file already at `path` is renamed aside, not lost.
+    """
+    path = pathlib.Path(path)
+    data = _checkpoint_bytes(model, meta)
+    if backup:
+        _backup_existing(path)
+    _atomic_write(path, data)
+    return path
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Remove the `module.` that `nn.DataParallel` (and DDP) put before every key."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _read_checkpoint(path, map_location="cpu") -> dict:
+    """The checkpoint dict at `path` ({"state_dict", "meta"} and, for a last checkpoint,
+    "training"), loaded with `weights_only=True`; a bare state_dict gets empty metadata.
+    Raises `ValueError` naming the file and saying in words what is wrong with it."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path}: the file is empty, not a checkpoint (was a save interrupted?)")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":       # zip archive (torch.save) or legacy pickle
+        raise ValueError(f"{path}: not a PyTorch checkpoint (it starts with {head!r})")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise ValueError(f"{path}: a corrupt checkpoint ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"{path}: holds pickled Python objects (a whole model?), which weights_only "
+                         f"loading refuses because loading them can run code; save the state_dict "
+                         f"instead") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: a truncated or corrupt checkpoint ({str(err).splitlines()[0]})") from None
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint["state_dict"] = strip_module_prefix(checkpoint["state_dict"])
+        checkpoint.setdefault("meta", {})
+        return checkpoint
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return {"state_dict": strip_module_prefix(checkpoint), "meta": {}}      # a bare state_dict
+    raise ValueError(f"{path}: holds {type(checkpoint).__name__}, not a state_dict")
+
+
+def _load_weights(model: nn.Module, state_dict: dict, path) -> None:
+    """Load `state_dict` into `model`, or raise `ValueError` naming the file and the layers
+    that are missing, unexpected or of another shape."""
+    expected = _unwrap(model).state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+              for k in expected.keys() & state_dict.keys() if state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"  {kind} ({len(items)}): " + "; ".join(sorted(items)[:6]) + (" ..." if len(items) > 6 else "")
+                 for kind, items in (("missing from the file", missing), ("not in the model", unexpected),
+                                     ("other shapes", shapes)) if items]
+        raise ValueError(f"{path}: the weights do not fit this {type(_unwrap(model)).__name__} "
+                         f"(another architecture or settings?):\n" + "\n".join(lines))
+    _unwrap(model).load_state_dict(state_dict)
+
+
+def load_checkpoint(path, model: nn.Module) -> dict:
+    """Load the weights of a checkpoint saved by `save_checkpoint` (or `train`) into `model`
+    and return its metadata (classes, image size, normalisation, ...) as a dict.
+
+    Loads with `weights_only=True`, so no pickled code runs; a `module.` prefix from
+    `nn.DataParallel` is removed. Raises `ValueError` naming the file and saying why it cannot
+    be loaded: empty, not a PyTorch checkpoint, truncated, pickled objects, or weights that
+    do not fit the model (which layers and shapes differ).
+    """
+    checkpoint = _read_checkpoint(path, map_location=next(model.parameters()).device)
+    _load_weights(model, checkpoint["state_dict"], path)
+    return dict(checkpoint["meta"])
+
+
+def assert_same_weights(model: nn.Module, other: nn.Module) -> None:
+    """Raise `AssertionError` naming the first tensor (weight or buffer) in which two models
+    differ, bit for bit; the proof that a checkpoint round-tripped."""
+    mine, theirs = model.state_dict(), other.state_dict()
+    assert mine.keys() == theirs.keys(), f"different tensors: {sorted(mine.keys() ^ theirs.keys())}"
+    for name, tensor in mine.items():
+        assert torch.equal(tensor.cpu(), theirs[name].cpu()), f"{name} differs"
+
+
+# =============================================================================================
+# Evaluation
+# =============================================================================================
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader, amp: bool = False,
+                   amp_dtype: torch.dtype = torch.bfloat16):
+    """Logits and labels for the whole loader, concatenated: (N, classes) float, (N,) long."""
+    model.eval()
+    logits, labels = [], []
+    for images, targets in loader:
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp):
+            logits.append(model(images).float())
+        labels.append(targets)
+    if not logits:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loader, criterion, amp: bool = False,
+             amp_dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader."""
+    logits, labels = predict_loader(model, loader, amp, amp_dtype)
+    return criterion(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    index = labels.long().cpu() * num_classes + predictions.long().cpu()
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix: torch.Tensor) -> torch.Tensor:
+    """Accuracy of each true class from a confusion matrix (nan for a class with no images)."""
+    return matrix.diag().float() / matrix.sum(1).float()
+
+
+def print_per_class_accuracy(matrix: torch.Tensor, classes) -> None:
+    width = max(len(c) for c in classes)
+    for name, acc, count in zip(classes, per_class_accuracy(matrix).tolist(), matrix.sum(1).tolist()):
+        print(f"{name:>{width}}: {acc:7.2%}  of {count} images")
 
 
 # =============================================================================================
@@ -601,31 +1035,40 @@ class ImageFileDataset(Dataset):
 # =============================================================================================
 
 PER_BATCH_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+# channels_last by device type. On this course's 2-core CPU (torch 2.14) a training step ran
+# faster with it for every notebook's network: see README, "Performance".
+CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": True}
 
 
 @dataclass
 class History:
-    """What `train` measured, one entry per completed epoch."""
+    """What `train` measured, one entry per completed epoch, and the final test accuracy
+    once the notebook has measured it (the only figure that comes from the test set)."""
     epoch: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)   # fraction in [0, 1]
-    test_loss: list[float] = field(default_factory=list)
-    test_acc: list[float] = field(default_factory=list)    # fraction in [0, 1]
-    lr: list[float] = field(default_factory=list)          # learning rate used during the epoch
-    seconds: list[float] = field(default_factory=list)     # wall time of the epoch, evaluation included
+    val_loss: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)     # fraction in [0, 1]
+    lr: list[float] = field(default_factory=list)          # learning rate at the start of the epoch
+    seconds: list[float] = field(default_factory=list)     # wall time of the epoch, validation included
     info: dict = field(default_factory=dict)               # model, device, date, settings
+    test_acc: float | None = None                          # of the best_epoch's checkpoint, measured once
 
     def __len__(self) -> int:
         return len(self.epoch)
 
     @property
-    def best_test_acc(self) -> float:
-        return max(self.test_acc, default=float("nan"))
+    def best_epoch(self) -> int | None:
+        """The epoch whose checkpoint the validation chose (highest val_acc, earliest on ties)."""
+        return self.epoch[self.val_acc.index(max(self.val_acc))] if self.val_acc else None
+
+    @property
+    def best_val_acc(self) -> float:
+        return max(self.val_acc, default=float("nan"))
 
     def to_json(self, path) -> None:
         """Write the history as JSON, atomically."""
-        data = json.dumps(asdict(self), indent=1).encode()
-        _atomic_write(pathlib.Path(path), lambda f: f.write(data))
+        _atomic_write(pathlib.Path(path), json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def from_json(cls, path) -> "History":
@@ -641,109 +1084,178 @@ def _dataset_size(loader) -> int | None:
     return len(dataset) if dataset is not None else None
 
 
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+def _recipe(model, optimizer, scheduler, num_epochs, train_loader, val_loader) -> dict:
+    """What a resumed run must share with the run it continues."""
+    settings = {k: v for k, v in optimizer.defaults.items()
+                if isinstance(v, (bool, int, float, str, tuple, type(None)))}
+    return _plain({"model": type(_unwrap(model)).__name__, "optimizer": type(optimizer).__name__,
+                   "optimizer_settings": settings,
+                   "scheduler": type(scheduler).__name__ if scheduler else None,
+                   "num_epochs": num_epochs, "batch_size": getattr(train_loader, "batch_size", None),
+                   "train_images": _dataset_size(train_loader), "val_images": _dataset_size(val_loader)})
 
 
-def train(model: nn.Module, train_loader, test_loader, num_epochs: int, optimizer, criterion,
-          scheduler=None, *, device=None, checkpoint_path=None, metadata: dict | None = None,
-          writer=None, amp: bool | None = None, amp_dtype: torch.dtype | None = None,
-          channels_last: bool | None = None, compile: bool = False,
-          scheduler_interval: str | None = None, log_every: int = 20, progress: bool = True,
-          verbose: bool = True) -> History:
-    """Train `model` for `num_epochs`, evaluating on `test_loader` after each epoch.
+def _rng_state(train_loader) -> dict:
+    """Every random-number state a training epoch draws from, as plain values and tensors."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    generator = getattr(train_loader, "generator", None)
+    return {"python": _plain(random.getstate()), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": generator.get_state() if generator is not None else None}
+
+
+def _set_rng_state(state: dict, train_loader) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(train_loader, "generator", None)
+    if state["loader"] is not None and generator is not None:
+        generator.set_state(state["loader"])
+
+
+def _resume(files: RunFiles, recipe: dict, model, optimizer, scheduler, scaler, train_loader) -> History:
+    """Restore everything from `files.last`; raise `ValueError` when it belongs to another
+    model or recipe."""
+    checkpoint = _read_checkpoint(files.last)
+    training = checkpoint.get("training")
+    if training is None:
+        raise ValueError(f"{files.last}: holds weights only, not the state of a run to resume")
+    differences = [f"{key}: {training['recipe'].get(key)!r} in the file, {value!r} now"
+                   for key, value in recipe.items() if training["recipe"].get(key) != value]
+    if differences:
+        raise ValueError(f"{files.last}: cannot resume, this run's recipe differs from the interrupted one:\n  "
+                         + "\n  ".join(differences) +
+                         "\nUse the settings of the interrupted run, or start afresh with resume=False "
+                         "(the earlier files are kept aside).")
+    _load_weights(model, checkpoint["state_dict"], files.last)
+    optimizer.load_state_dict(training["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(training["scheduler"])
+    scaler.load_state_dict(training["scaler"])
+    _set_rng_state(training["rng"], train_loader)
+    return History(**training["history"])
+
+
+def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer, criterion,
+          scheduler=None, *, files: RunFiles | None = None, metadata: dict | None = None,
+          resume: bool = False, writer=None, amp: bool | None = None,
+          amp_dtype: torch.dtype | None = None, channels_last: bool | None = None,
+          compile: bool = False, scheduler_interval: str | None = None, log_every: int = 20,
+          progress: bool = True, verbose: bool = True) -> History:
+    """Train `model` for `num_epochs`, measuring loss and accuracy on `val_loader` after each.
+    The test set has no part in it: evaluate it once, afterwards, on `files.best`.
 
     scheduler: None, a per-epoch scheduler (StepLR, CosineAnnealingLR, ...), ReduceLROnPlateau
-        (stepped with the test loss), or a per-batch one (OneCycleLR, CyclicLR);
+        (stepped with the validation loss), or a per-batch one (OneCycleLR, CyclicLR);
         `scheduler_interval` ("batch" or "epoch") overrides the guess.
-    checkpoint_path: where the best model (by test accuracy) is saved, atomically, with
-        `metadata` (see `save_checkpoint`); the history goes beside it as `<stem>_history.json`
-        after every epoch. A file already there from an earlier run is kept as a backup.
+    files: where to keep the run (see `RunFiles`): after every epoch the history JSON, the
+        checkpoint with the best validation accuracy so far (with `metadata`, see
+        `save_checkpoint`), and the last epoch's full state. All writes are atomic; files of an
+        earlier run are renamed aside, never overwritten.
+    resume: continue from `files.last` (model, optimizer, scheduler, gradient scaler, random
+        states, epoch counter, history) when it exists; the recipe must be the same.
     writer: an optional TensorBoard `SummaryWriter`.
-    amp, channels_last: default on for CUDA; `amp_dtype` defaults to float16 on CUDA
-        (with gradient scaling) and bfloat16 elsewhere.
-    A non-finite loss raises `FloatingPointError` naming the epoch and batch (the best
-    checkpoint stays); Ctrl-C (KeyboardInterrupt) stops and returns the history so far.
-    Loaders must yield batches on `device` (see `DeviceLoader`).
+    amp: mixed precision, default on for CUDA (float16 with gradient scaling; `amp_dtype`
+        bfloat16 elsewhere). channels_last: default per device, `CHANNELS_LAST_DEFAULT`.
+    A non-finite loss raises `FloatingPointError` naming the epoch and batch (the checkpoints
+    stay); Ctrl-C (KeyboardInterrupt) stops and returns the history so far.
+    Loaders must yield batches on the model's device (see `DeviceLoader`); they are not changed.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
     amp = on_cuda if amp is None else amp
     amp_dtype = amp_dtype or (torch.float16 if on_cuda else torch.bfloat16)
-    channels_last = on_cuda if channels_last is None else channels_last
+    if channels_last is None:
+        channels_last = CHANNELS_LAST_DEFAULT.get(device.type, False)
     if scheduler_interval is None:
         scheduler_interval = "batch" if isinstance(scheduler, PER_BATCH_SCHEDULERS) else "epoch"
     if scheduler_interval not in ("batch", "epoch"):
         raise ValueError(f"scheduler_interval must be 'batch' or 'epoch', got {scheduler_interval!r}")
+    if resume and files is None:
+        raise ValueError("resume=True needs files=RunFiles(...) to resume from")
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if channels_last:
+        # convolutions then run in NHWC whatever the input's layout (they follow the weights)
         model.to(memory_format=torch.channels_last)
-        for loader in (train_loader, test_loader):
-            if isinstance(loader, DeviceLoader):
-                loader.channels_last = True
     step_model = torch.compile(model) if compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+    recipe = _recipe(model, optimizer, scheduler, num_epochs, train_loader, val_loader)
 
-    checkpoint_path = pathlib.Path(checkpoint_path) if checkpoint_path else None
-    history = History(info={
-        "model": type(model).__name__, "device": _hardware(), "torch": str(torch.__version__),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "optimizer": type(optimizer).__name__,
-        "scheduler": type(scheduler).__name__ if scheduler else None,
-        "batch_size": getattr(train_loader, "batch_size", None),
-        "train_images": _dataset_size(train_loader), "test_images": _dataset_size(test_loader),
-        "amp": str(amp_dtype).replace("torch.", "") if amp else None,
-    })
-    if checkpoint_path:
-        history.info["checkpoint"] = str(checkpoint_path)
-    backed_up: set[pathlib.Path] = set()
-    best_acc = -1.0
+    if resume and files.last.exists():
+        history = _resume(files, recipe, model, optimizer, scheduler, scaler, train_loader)
+        print(f"Resuming {files.name} after epoch {len(history)} of {num_epochs} (from {files.last.name})")
+    else:
+        if resume:
+            print(f"No {files.last} to resume from: starting at epoch 1.")
+        if files is not None:
+            for path in (files.best, files.last, files.history):
+                _backup_existing(path)
+        history = History(info={
+            "model": type(_unwrap(model)).__name__, "device": _hardware(), "torch": str(torch.__version__),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "optimizer": type(optimizer).__name__,
+            "scheduler": type(scheduler).__name__ if scheduler else None,
+            "batch_size": getattr(train_loader, "batch_size", None),
+            "train_images": _dataset_size(train_loader), "val_images": _dataset_size(val_loader),
+            "amp": str(amp_dtype).replace("torch.", "") if amp else None, "channels_last": channels_last,
+        })
 
     try:
-        for epoch in range(1, num_epochs + 1):
+        for epoch in range(len(history) + 1, num_epochs + 1):
             start = time.perf_counter()
             lr = _current_lr(optimizer)
             train_loss, train_acc = _train_one_epoch(
                 step_model, train_loader, optimizer, criterion, scaler, amp, amp_dtype, device,
                 scheduler if scheduler_interval == "batch" else None,
                 epoch, num_epochs, log_every, progress)
-            test_loss, test_acc = evaluate(step_model, test_loader, criterion, amp=amp, amp_dtype=amp_dtype)
+            val_loss, val_acc = evaluate(step_model, val_loader, criterion, amp=amp, amp_dtype=amp_dtype)
             if scheduler is not None and scheduler_interval == "epoch":
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(test_loss)
+                    scheduler.step(val_loss)
                 else:
                     scheduler.step()
             seconds = time.perf_counter() - start
+            improved = val_acc > history.best_val_acc or not history.val_acc
             for name, value in (("epoch", epoch), ("train_loss", train_loss), ("train_acc", train_acc),
-                                ("test_loss", test_loss), ("test_acc", test_acc), ("lr", lr),
+                                ("val_loss", val_loss), ("val_acc", val_acc), ("lr", lr),
                                 ("seconds", seconds)):
                 getattr(history, name).append(value)
-            if checkpoint_path and test_acc > best_acc:
-                best_acc = test_acc
-                save_checkpoint(checkpoint_path, model, backup=checkpoint_path not in backed_up,
-                                **(metadata or {}), epoch=epoch, test_acc=test_acc)
-                backed_up.add(checkpoint_path)
-            if checkpoint_path:
-                history_path = history_path_for(checkpoint_path)
-                if history_path not in backed_up:
-                    _backup_existing(history_path)
-                    backed_up.add(history_path)
-                history.to_json(history_path)
+            if files is not None:
+                _save_epoch(files, model, metadata or {}, history, improved, recipe,
+                            optimizer, scheduler, scaler, train_loader)
             if writer is not None:
-                for name, value in (("loss/train", train_loss), ("loss/test", test_loss),
-                                    ("accuracy/train", train_acc), ("accuracy/test", test_acc),
-                                    ("lr", lr)):
+                for name, value in (("loss/train", train_loss), ("loss/val", val_loss),
+                                    ("accuracy/train", train_acc), ("accuracy/val", val_acc), ("lr", lr)):
                     writer.add_scalar(name, value, epoch)
                 writer.flush()
             if verbose:
                 print(f"epoch {epoch:>3}/{num_epochs}  train loss {train_loss:.4f}  acc {train_acc:6.2%}  "
-                      f"| test loss {test_loss:.4f}  acc {test_acc:6.2%}  | lr {lr:.2e}  {seconds:6.1f} s")
+                      f"| val loss {val_loss:.4f}  acc {val_acc:6.2%}  | lr {lr:.2e}  {seconds:6.1f} s"
+                      + ("  *" if improved and files is not None else ""))
     except KeyboardInterrupt:
-        print(f"Interrupted: returning the history of {len(history)} completed epoch(s).")
+        print(f"Interrupted: returning the history of {len(history)} completed epoch(s)."
+              + (f" Continue with resume=True (from {files.last})." if files is not None and len(history) else ""))
     return history
+
+
+def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
+                optimizer, scheduler, scaler, train_loader) -> None:
+    """After an epoch: the best checkpoint (when val accuracy improved), then the last state,
+    then the history JSON; each write atomic."""
+    epoch, val_acc = history.epoch[-1], history.val_acc[-1]
+    if improved:
+        _atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
+    training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(), "rng": _rng_state(train_loader), "history": asdict(history)}
+    _atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
+    history.to_json(files.history)
 
 
 def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype, device,
@@ -772,12 +1284,13 @@ def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype
         loss_sum += loss.float() * len(labels)
         correct += (outputs.detach().argmax(1) == labels).sum()
         seen += len(labels)
-        if batch % log_every == 0 or batch == len(loader):
+        if batch % log_every == 0:
             _check_finite(recent_losses, epoch, batch)
             recent_losses.clear()
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
     if seen == 0:
         raise ValueError("the training loader yielded no batches")
+    _check_finite(recent_losses, epoch, batch)
     return loss_sum.item() / seen, correct.item() / seen
 
 
@@ -790,52 +1303,111 @@ def _check_finite(losses: list[torch.Tensor], epoch: int, last_batch: int) -> No
         batch = last_batch - len(losses) + 1 + first_bad
         raise FloatingPointError(
             f"the training loss became {losses[first_bad].item()} at epoch {epoch}, batch {batch}: "
-            f"training stopped (the best checkpoint so far is kept). "
+            f"training stopped (the checkpoints so far are kept). "
             f"Try a lower learning rate or check the inputs for NaNs.")
 
 
 # =============================================================================================
-# Evaluation
+# Prediction
 # =============================================================================================
 
+PREDICTION_META = ("classes", "image_size", "input_size", "mean", "std")
+
+
+def preprocess(image: Image.Image, meta: dict, device="cpu") -> torch.Tensor:
+    """An RGB PIL image as the (1, 3, input_size, input_size) batch the network was trained on:
+    resized to the data set's `image_size` (CIFAR-10: reduced to 32x32), as uint8, then the
+    same `BatchTransform` as in training, on `device`. `meta` is what `load_checkpoint` returns."""
+    missing = [key for key in PREDICTION_META if meta.get(key) is None]
+    if missing:
+        raise ValueError(f"the checkpoint's metadata lacks {missing}: save it with "
+                         f"utils.save_checkpoint(..., {', '.join(f'{k}=...' for k in missing)})")
+    batch = image_to_tensor(image, meta["image_size"]).unsqueeze(0).to(device)
+    return BatchTransform(meta["mean"], meta["std"], meta["input_size"]).to(device)(batch)
+
+
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader, amp: bool = False,
-                   amp_dtype: torch.dtype = torch.bfloat16):
-    """Logits and labels for the whole loader, concatenated: (N, classes) float, (N,) long."""
+def predict(model: nn.Module, source, meta: dict, topk: int = 5, **load_options) -> list[tuple[str, float]]:
+    """The `topk` most likely (class name, probability) pairs for one image from any source
+    `load_image` accepts, preprocessed as `meta` (from `load_checkpoint`) says.
+    Raises `ValueError` for anything that is not a readable image."""
+    image = load_image(source, **load_options)
     model.eval()
-    logits, labels = [], []
-    for images, targets in loader:
-        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp):
-            logits.append(model(images).float())
-        labels.append(targets)
-    if not logits:
-        raise ValueError("the loader yielded no batches")
-    return torch.cat(logits), torch.cat(labels)
+    logits = model(preprocess(image, meta, next(model.parameters()).device)).float()
+    probs = logits.softmax(1)[0]
+    values, indices = probs.topk(min(topk, len(meta["classes"])))
+    return [(meta["classes"][i], p) for i, p in zip(indices.tolist(), values.tolist())]
 
 
-def evaluate(model: nn.Module, loader, criterion=None, amp: bool = False,
-             amp_dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
-    """(mean loss, accuracy) over the loader; loss is nan without a criterion."""
-    logits, labels = predict_loader(model, loader, amp, amp_dtype)
-    loss = criterion(logits, labels).item() if criterion is not None else float("nan")
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+def print_top_k(pairs) -> None:
+    """Print (class name, probability) pairs from `predict` as a small table."""
+    width = max(len(name) for name, _ in pairs)
+    for name, probability in pairs:
+        print(f"{name:>{width}}: {probability:6.1%}")
 
 
-def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
-    index = labels.long().cpu() * num_classes + predictions.long().cpu()
-    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+# =============================================================================================
+# Plotting
+# =============================================================================================
+
+def imshow(image: torch.Tensor, mean=None, std=None, ax=None):
+    """Show one image (3, H, W): uint8, or float normalised with `mean`/`std` (undone here)."""
+    import matplotlib.pyplot as plt
+
+    image = image.detach().cpu()
+    if image.dtype == torch.uint8:
+        image = image.float() / 255
+    elif mean is not None and std is not None:
+        image = image * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    ax = ax or plt.gca()
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.axis("off")
+    return ax
 
 
-def per_class_accuracy(matrix: torch.Tensor) -> torch.Tensor:
-    """Accuracy of each true class from a confusion matrix (nan for a class with no images)."""
-    return matrix.diag().float() / matrix.sum(1).float()
+def show_images(images: torch.Tensor, labels, classes, mean=None, std=None, ncols: int = 8,
+                title: str | None = None):
+    """A grid of images (uint8, or float normalised with mean/std) titled with their class names."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.7 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, labels):
+        imshow(image, mean, std, ax=ax)
+        ax.set_title(classes[int(label)], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
-def print_per_class_accuracy(matrix: torch.Tensor, classes) -> None:
-    width = max(len(c) for c in classes)
-    for name, acc, count in zip(classes, per_class_accuracy(matrix).tolist(), matrix.sum(1).tolist()):
-        print(f"{name:>{width}}: {acc:7.2%}  of {count} images")
+@torch.no_grad()
+def plot_sample_predictions(model: nn.Module, loader: DeviceLoader, classes, mean=None, std=None,
+                            n: int = 64, ncols: int = 8, seed: int = 0, save_path=None):
+    """A grid of `n` images drawn at random (with `seed`) from the loader's data set, titled
+    "predicted (true)": green when right, red when wrong. Returns (figure, accuracy on them)."""
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    images, labels = loader.sample(n, seed)
+    predictions = model(images).argmax(1)
+    nrows = math.ceil(len(images) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.3 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, prediction in zip(axes.flat, images, labels.tolist(), predictions.tolist()):
+        imshow(image, mean, std, ax=ax)
+        ax.set_title(f"{classes[prediction]}\n({classes[label]})", fontsize=9,
+                     color="green" if prediction == label else "red")
+    accuracy = (predictions == labels).float().mean().item()
+    fig.suptitle(f"predicted (true): {accuracy:.1%} right on these {len(images)} images")
+    fig.tight_layout()
+    if save_path:
+        fig.savefig(save_path, dpi=80)
+    return fig, accuracy
 
 
 def plot_confusion_matrix(matrix: torch.Tensor, classes, save_path=None):
@@ -860,337 +1432,8 @@ def plot_confusion_matrix(matrix: torch.Tensor, classes, save_path=None):
     return fig
 
 
-def imshow(image: torch.Tensor, mean=None, std=None, ax=None):
-    """Show one image (3, H, W): uint8, or float normalised with `mean`/`std` (undone here)."""
-    import matplotlib.pyplot as plt
-
-    image = image.detach().cpu()
-    if image.dtype == torch.uint8:
-        image = image.float() / 255
-    elif mean is not None and std is not None:
-        image = image * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    ax = ax or plt.gca()
-    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-    ax.axis("off")
-    return ax
-
-
-@torch.no_grad()
-def show_predictions(model: nn.Module, loader: DeviceLoader, classes, mean=None, std=None,
-                     n: int = 64, ncols: int = 8, seed: int = 0, save_path=None):
-    """A grid of `n` images drawn at random from the loader's data set, titled
-    "predicted (true)": green when right, red when wrong. Returns (figure, accuracy on them)."""
-    import matplotlib.pyplot as plt
-
-    model.eval()
-    images, labels = loader.sample(n, seed)
-    predictions = model(images).argmax(1)
-    nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.3 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, label, prediction in zip(axes.flat, images, labels.tolist(), predictions.tolist()):
-        imshow(image, mean, std, ax=ax)
-        ax.set_title(f"{classes[prediction]}\n({classes[label]})", fontsize=9,
-                     color="green" if prediction == label else "red")
-    accuracy = (predictions == labels).float().mean().item()
-    fig.suptitle(f"predicted (true): {accuracy:.1%} right on these {len(images)} images")
-    fig.tight_layout()
-    if save_path:
-        fig.savefig(save_path, dpi=80)
-    return fig, accuracy
-
-
-# =============================================================================================
-# Persistence
-# =============================================================================================
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it
-    over `path`: a crash or kill at any moment leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_umask())   # mkstemp makes files private; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _backup_existing(path: pathlib.Path) -> pathlib.Path | None:
-    """Rename an existing file to `<stem>.<its modification time><suffix>` so that a new run
-    never overwrites an earlier run's result. Returns the backup's path, if any."""
-    if not path.exists():
-        return None
-    stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-    n = 1
-    while backup.exists():
-        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-        n += 1
-    os.replace(path, backup)
-    print(f"Kept the earlier {path.name} as {backup.name}")
-    return backup
-
-
-def history_path_for(checkpoint_path) -> pathlib.Path:
-    """Where `train` writes the history of a checkpoint: `<stem>_history.json` beside it."""
-    checkpoint_path = pathlib.Path(checkpoint_path)
-    return checkpoint_path.with_name(f"{checkpoint_path.stem}_history.json")
-
-
-def _plain(value):
-    """Metadata as plain Python types, which `torch.load(weights_only=True)` accepts."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, (str, pathlib.Path)):
-        return str(value)                                 # also str subclasses like TorchVersion
-    return value
-
-
-def save_checkpoint(path, model: nn.Module, *, classes=None, input_size=None, mean=None, std=None,
-                    arch: str | None = None, backup: bool = True, **extra) -> pathlib.Path:
-    """Save the model's state_dict with what is needed to use it again: class names, input
-    size, normalisation and architecture name (plus any `extra` plain values).
-
-    The write is atomic; with `backup`, a file already at `path` is renamed aside, not lost.
-    """
-    path = pathlib.Path(path)
-    model = getattr(model, "_orig_mod", model)               # torch.compile wrapper
-    model = model.module if isinstance(model, nn.DataParallel) else model
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    checkpoint = {
-        "state_dict": state_dict,
-        "meta": _plain({"arch": arch or type(model).__name__, "classes": classes,
-                        "input_size": input_size, "mean": mean, "std": std,
-                        "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "torch": str(torch.__version__), **extra}),
-    }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    if backup:
-        _backup_existing(path)
-    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
-    return path
-
-
-def load_checkpoint(path, model: nn.Module | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint saved by `save_checkpoint` with `weights_only=True` (no pickled code
-    runs). With `model`, its weights are loaded into it (strictly). Returns the metadata, with
-    the state_dict under "state_dict". A `module.` prefix from `nn.DataParallel` is removed.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a checkpoint this course can load ({err})") from None
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        state_dict, meta = checkpoint["state_dict"], dict(checkpoint.get("meta", {}))
-    elif isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        state_dict, meta = checkpoint, {}                    # a bare state_dict
-    else:
-        raise ValueError(f"{path}: holds {type(checkpoint).__name__}, not a state_dict")
-    state_dict = strip_module_prefix(state_dict)
-    if model is not None:
-        model.load_state_dict(state_dict)
-    meta["state_dict"] = state_dict
-    return meta
-
-
-def assert_same_weights(model: nn.Module, other: nn.Module) -> None:
-    """Raise `AssertionError` naming the first tensor (weight or buffer) in which two models
-    differ, bit for bit; the proof that a checkpoint round-tripped."""
-    mine, theirs = model.state_dict(), other.state_dict()
-    assert mine.keys() == theirs.keys(), f"different tensors: {sorted(mine.keys() ^ theirs.keys())}"
-    for name, tensor in mine.items():
-        assert torch.equal(tensor.cpu(), theirs[name].cpu()), f"{name} differs"
-
-
-def strip_module_prefix(state_dict: dict) -> dict:
-    """Remove the `module.` that `nn.DataParallel` (and DDP) put before every key."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-# =============================================================================================
-# Prediction
-# =============================================================================================
-
-MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024  # refuse bigger image downloads
-MAX_IMAGE_PIXELS = 50_000_000          # refuse bigger images (decompression bombs)
-DOWNLOAD_TIMEOUT = 10.0                # seconds for the whole download
-
-
-def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
-    """Download `url` within `timeout` seconds in all and at most `max_bytes` bytes."""
-    deadline = time.monotonic() + timeout
-    timed_out = ValueError(f"{url}: the download timed out after {timeout:g} s")
-    chunks, size = [], 0
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "cifar10-course/1.0"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise ValueError(f"{url}: the response is {int(length):,} bytes, over the "
-                                 f"{max_bytes:,}-byte limit")
-            content_type = response.headers.get("Content-Type", "")
-            while chunk := response.read1(64 * 1024):   # read1: whatever arrived, so a trickle can't stall us
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ValueError(f"{url}: the download passed the {max_bytes:,}-byte limit")
-                if time.monotonic() > deadline:
-                    raise timed_out
-                chunks.append(chunk)
-    except urllib.error.HTTPError as err:
-        raise ValueError(f"{url}: HTTP error {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, TimeoutError):
-            raise timed_out from None
-        raise ValueError(f"{url}: could not connect ({err.reason})") from None
-    except TimeoutError:
-        raise timed_out from None
-    except (OSError, http.client.HTTPException) as err:
-        raise ValueError(f"{url}: the download failed ({err!r})") from None
-    except ValueError as err:                                # a malformed URL
-        if str(err).startswith(url):
-            raise
-        raise ValueError(f"{url}: not a valid URL ({err})") from None
-    data = b"".join(chunks)
-    if not data:
-        raise ValueError(f"{url}: the response was empty")
-    if content_type and not content_type.startswith("image/"):
-        _check_is_image(data, f"{url}: the response is {content_type.split(';')[0]}, not an image")
-    return data
-
-
-def _check_is_image(data: bytes, message: str) -> None:
-    try:
-        with Image.open(io.BytesIO(data)):
-            pass
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise ValueError(message) from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: 16/32-bit and float greyscale are rescaled, transparent
-    pixels are composited onto white, and EXIF orientation is applied."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" and array.max(initial=0) <= 1 else \
-            255.0 if array.max(initial=0) <= 255 else 65535.0
-        array = np.clip(array / top * 255, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(array, "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image(source, *, timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Read an image from a path, an http(s) URL, bytes, a binary file object or a PIL image,
-    as 8-bit RGB.
-
-    Raises `ValueError` naming the source and the reason for anything that is not a readable
-    image: a missing file, a non-image, a truncated image, an HTTP error, a time-out, a
-    download over `max_bytes`, or more than `max_pixels` pixels (a decompression bomb).
-    """
-    if isinstance(source, Image.Image):
-        name, data = "the PIL image", None
-        image = source
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        name, data = f"the {len(source):,} bytes given", bytes(source)
-    elif isinstance(source, str) and source.lower().startswith(("http://", "https://")):
-        name, data = source, _fetch_url(source, timeout, max_bytes)
-    elif isinstance(source, str) and not source.strip():
-        raise ValueError("an empty string is neither a path nor a URL")
-    elif isinstance(source, (str, os.PathLike)):
-        path = pathlib.Path(source).expanduser()
-        name = str(path)
-        if "://" in str(source):
-            raise ValueError(f"{source}: only http:// and https:// URLs are supported")
-        if not path.exists():
-            raise ValueError(f"{name}: no such file")
-        if not path.is_file():
-            raise ValueError(f"{name}: not a file")
-        if path.stat().st_size > max_bytes:
-            raise ValueError(f"{name}: {path.stat().st_size:,} bytes, over the {max_bytes:,}-byte limit")
-        data = path.read_bytes()
-    elif hasattr(source, "read"):
-        name = getattr(source, "name", "the file object")
-        data = source.read(max_bytes + 1)
-        if not isinstance(data, bytes):
-            raise ValueError(f"{name}: opened in text mode; open images with 'rb'")
-        if len(data) > max_bytes:
-            raise ValueError(f"{name}: over the {max_bytes:,}-byte limit")
-    else:
-        raise ValueError(f"cannot read an image from {type(source).__name__}: pass a path, "
-                         f"an http(s) URL, bytes, a binary file or a PIL image")
-    if data is not None:
-        if not data:
-            raise ValueError(f"{name}: empty, not an image")
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            raise ValueError(f"{name}: too many pixels, a possible decompression bomb ({err})") from None
-        except UnidentifiedImageError:
-            raise ValueError(f"{name}: not a readable image (not an image format Pillow knows)") from None
-        except (OSError, SyntaxError) as err:
-            raise ValueError(f"{name}: not a readable image ({err})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ValueError(f"{name}: {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
-                         f"(a possible decompression bomb)")
-    if width == 0 or height == 0:
-        raise ValueError(f"{name}: the image is empty ({width}x{height})")
-    try:
-        image.load()
-        return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as err:
-        reason = "truncated" if "truncated" in str(err) else "corrupt or unsupported"
-        raise ValueError(f"{name}: the image is {reason} ({err})") from None
-
-
-def preprocess(image: Image.Image, input_size: int, mean, std) -> torch.Tensor:
-    """An RGB PIL image as a normalised (1, 3, size, size) batch, the way the model was trained."""
-    image = image.resize((input_size, input_size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-    return ((x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)).unsqueeze(0)
-
-
-def print_top_k(pairs) -> None:
-    """Print (class name, probability) pairs from `predict` as a small table."""
-    width = max(len(name) for name, _ in pairs)
-    for name, probability in pairs:
-        print(f"{name:>{width}}: {probability:6.1%}")
-
-
-def show_prediction(image: Image.Image, pairs, caption: str | None = None) -> None:
-    """Show `image` titled with the most likely class and its probability, then print
+def show_top_k(image: Image.Image, pairs, caption: str | None = None) -> None:
+    """Show one photo titled with the most likely class and its probability, then print
     `caption` (if any) and the (class name, probability) table from `predict`. Returns
     nothing, so that a notebook does not draw the figure twice."""
     import matplotlib.pyplot as plt
@@ -1205,36 +1448,21 @@ def show_prediction(image: Image.Image, pairs, caption: str | None = None) -> No
     print_top_k(pairs)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, source, classes, input_size: int, mean, std, topk: int = 5,
-            **load_options) -> list[tuple[str, float]]:
-    """The `topk` most likely (class name, probability) pairs for one image from any source
-    `load_image` accepts. Raises `ValueError` for anything that is not a readable image."""
-    image = load_image(source, **load_options)
-    device = next(model.parameters()).device
-    model.eval()
-    logits = model(preprocess(image, input_size, mean, std).to(device)).float()
-    probs = logits.softmax(1)[0]
-    values, indices = probs.topk(min(topk, len(classes)))
-    return [(classes[i], p) for i, p in zip(indices.tolist(), values.tolist())]
-
-
-# =============================================================================================
-# Plotting
-# =============================================================================================
-
 def plot_history(history: History, save_path=None, title: str | None = None):
-    """Loss, accuracy and learning rate per epoch, side by side; saved as a PNG with `save_path`."""
+    """Loss, accuracy and learning rate per epoch, side by side, with the epoch the validation
+    chose marked; saved as a PNG with `save_path`."""
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     epochs = history.epoch
     marker = "o" if len(epochs) < 30 else None
     ax_loss.plot(epochs, history.train_loss, marker=marker, label="train")
-    ax_loss.plot(epochs, history.test_loss, marker=marker, label="test")
+    ax_loss.plot(epochs, history.val_loss, marker=marker, label="validation")
     ax_loss.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.plot(epochs, [100 * a for a in history.train_acc], marker=marker, label="train")
-    ax_acc.plot(epochs, [100 * a for a in history.test_acc], marker=marker, label="test")
+    ax_acc.plot(epochs, [100 * a for a in history.val_acc], marker=marker, label="validation")
+    if history.best_epoch is not None:
+        ax_acc.axvline(history.best_epoch, color="grey", linestyle=":", label="best (by validation)")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="%")
     ax_lr.plot(epochs, history.lr, marker=marker, color="tab:green")
     ax_lr.set(title="learning rate", xlabel="epoch", ylabel="lr")
