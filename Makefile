@@ -1,4 +1,4 @@
-# make demo   run CustomCNN.ipynb headless on real CIFAR-10 with quick settings
+# make demo   the main job: AlexNet-32.ipynb headless on real CIFAR-10, 8 epochs (a few minutes on a CPU)
 # make test   unit tests + every notebook in quick mode (offline, generated data)
 # make lab    JupyterLab on the notebooks
 # Each target creates .venv and installs requirements-dev.txt first when needed.
@@ -8,9 +8,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(CURDIR)/data
 MODEL_DIR ?= $(CURDIR)/model
-# demo settings: passes over the data, and images per split
-DEMO_EPOCHS ?= 1
-DEMO_SUBSET ?= 2000
+# demo settings: the notebook, passes over the data, and images per split (0 = all)
+DEMO_NOTEBOOK ?= AlexNet-32
+DEMO_EPOCHS ?= 8
+DEMO_SUBSET ?= 0
 
 .PHONY: demo test lab
 
@@ -23,12 +24,15 @@ demo: $(BIN)/.installed
 	mkdir -p build
 	EPOCHS=$(DEMO_EPOCHS) SUBSET=$(DEMO_SUBSET) DATA_DIR=$(DATA_DIR) MODEL_DIR=$(MODEL_DIR) \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
-	  --output-dir build notebooks/CustomCNN.ipynb
+	  --output-dir build notebooks/$(DEMO_NOTEBOOK).ipynb
 	@echo
-	@$(BIN)/python -c "import json, sys; h = json.load(open(sys.argv[1])); print('test accuracy:            ' + format(h['test_acc'][-1], '.2%'), 'after', len(h['epoch']), 'epoch(s) on', h['info']['train_images'], 'training images,', round(h['seconds'][-1]), 's per epoch')" $(MODEL_DIR)/CustomCNN_best_history.json
-	@echo "executed notebook:        build/CustomCNN.ipynb   (open it with: make lab)"
-	@echo "checkpoints and history:  $$(ls $(MODEL_DIR)/CustomCNN*.pth $(MODEL_DIR)/CustomCNN*.json | tr '\n' ' ')"
-	@echo "plots:                    $$(ls $(MODEL_DIR)/CustomCNN*.png | tr '\n' ' ')"
+	@$(BIN)/python -c "import sys, utils; h = utils.History.from_json(sys.argv[1]); \
+	  print(f'test accuracy:            {h.test_acc:.2%} (the epoch validation chose: {h.best_epoch} of {len(h)}, val {h.best_val_acc:.2%}),', \
+	        f'{h.info[\"train_images\"]:,} training images, {sum(h.seconds) / len(h):.0f} s per epoch')" \
+	  $(MODEL_DIR)/$(DEMO_NOTEBOOK)_history.json
+	@echo "executed notebook:        build/$(DEMO_NOTEBOOK).ipynb   (open it with: make lab)"
+	@echo "checkpoints and history:  $$(ls $(MODEL_DIR)/$(DEMO_NOTEBOOK)*.pth $(MODEL_DIR)/$(DEMO_NOTEBOOK)*.json | tr '\n' ' ')"
+	@echo "plots:                    $$(ls $(MODEL_DIR)/$(DEMO_NOTEBOOK)*.png | tr '\n' ' ')"
 	@echo "TensorBoard logs:         runs/   (tensorboard --logdir runs)"
 
 test: $(BIN)/.installed

@@ -1540,3 +1540,37 @@ def show_feature_maps(maps: torch.Tensor, n: int = 16, ncols: int = 8, title: st
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# =============================================================================================
+# Results
+# =============================================================================================
+
+RESULTS_DIR = REPO_DIR / "results"
+
+
+def measured_runs(name: str) -> list[dict]:
+    """The course's measured runs of notebook `name`: the history JSON files in `results/`
+    (see results/make_table.py), oldest first."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS_DIR.glob("*.json"))]
+    return sorted((run for run in runs if run["info"].get("name") == name), key=lambda run: run["info"]["started"])
+
+
+def describe_run(run: dict) -> str:
+    """One line for a measured run: the test accuracy of the validation-chosen epoch, the
+    validation accuracy beside it, the budget and the machine."""
+    history = History(**{key: value for key, value in run.items() if key in History.__dataclass_fields__})
+    test = f"test {history.test_acc:.2%}" if history.test_acc is not None else "test not measured"
+    seconds = sum(history.seconds) / len(history)
+    return (f"{test}, val {history.best_val_acc:.2%} (epoch {history.best_epoch} of {len(history)}), "
+            f"{seconds:,.0f} s per epoch on {history.info['device']}, {history.info['started'][:10]}: "
+            f"{history.info['note']}")
+
+
+def print_measured_runs(name: str) -> None:
+    """Print the measured runs of notebook `name` (the rows of the README's results table)."""
+    runs = measured_runs(name)
+    for run in runs:
+        print(describe_run(run))
+    if not runs:
+        print(f"no measured run of {name} in {RESULTS_DIR} yet")

@@ -109,10 +109,10 @@ def main(argv=None) -> dict:
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     start = time.perf_counter()
-    train_set, test_set = utils.load_cifar10(data_dir, subset=args.images, download=False)
+    splits = utils.load_cifar10(data_dir, subset=args.images, download=False)
     load_seconds = time.perf_counter() - start
-    loaded = len(train_set) + len(test_set)
-    print(f"utils.load_cifar10({data_dir}, subset={args.images}): {loaded:,} images (train + test) "
+    train_set, loaded = splits[0], sum(len(split) for split in splits)
+    print(f"utils.load_cifar10({data_dir}, subset={args.images}): {loaded:,} images (train + val + test) "
           f"loaded in {load_seconds:.1f} s, {loaded / load_seconds:,.0f} images/s (once per session)")
 
     pipelines = {}   # (size, name) -> (loader, the fast path's per-sample augmentation)

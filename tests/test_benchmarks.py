@@ -42,9 +42,27 @@ def test_input_pipeline_benchmark_measures_every_pipeline(data_dir, capsys):
 def test_train_loop_benchmark_compares_both_loops(data_dir, capsys):
     results = load_script("train_loop").main(
         ["--data-dir", str(data_dir), "--images", "32", "--batch-size", "16", "--rounds", "2",
-         "--predictions", "200", "--threads", "0"])   # 0: leave the suite's thread count alone
+         "--predictions", "200", "--threads", "0",    # 0: leave the suite's thread count alone
+         "--only", "train_loop", "per_class"])        # channels_last: tested on its own below
     assert results["train_ratio"] > 0 and results["per_class_speedup"] > 0
     assert "utils.train" in capsys.readouterr().out
+
+
+def test_notebook_network_loads_the_class_the_notebook_defines():
+    network = load_script("train_loop").notebook_network("CustomCNN.ipynb", "MyNet")(num_classes=10)
+    assert isinstance(network, torch.nn.Module)
+    with torch.no_grad():
+        assert network.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_channels_last_benchmark_measures_both_formats(capsys):
+    results = load_script("train_loop").main(
+        ["--only", "channels_last", "--networks", "AlexNet-32", "--cl-rounds", "1", "--cl-steps", "1",
+         "--cl-batch-size", "2", "--threads", "0"])
+    row = results["channels_last"]["AlexNet-32"]
+    assert row["contiguous"] > 0 and row["channels_last"] > 0 and row["ratio"] > 0
+    assert (row["rounds"], row["steps"], row["batch"]) == (1, 1, 2)
+    assert "| AlexNet-32 |" in capsys.readouterr().out
 
 
 def test_articles_per_class_loop_agrees_with_the_confusion_matrix():
