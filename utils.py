@@ -1164,7 +1164,8 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
         bfloat16 elsewhere). channels_last: default per device, `CHANNELS_LAST_DEFAULT`.
     A non-finite loss raises `FloatingPointError` naming the epoch and batch (the checkpoints
     stay); Ctrl-C (KeyboardInterrupt) stops and returns the history so far.
-    Loaders must yield batches on the model's device (see `DeviceLoader`); they are not changed.
+    Loaders must yield batches on the model's device (see `DeviceLoader`); they are not changed,
+    and the model ends in the usual memory layout, whatever layout training used.
     """
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
@@ -1181,7 +1182,8 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if channels_last:
-        # convolutions then run in NHWC whatever the input's layout (they follow the weights)
+        # convolutions then run in NHWC whatever the input's layout (they follow the weights);
+        # the model goes back to the usual layout at the end, where a reloaded copy will be
         model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
@@ -1241,6 +1243,9 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
     except KeyboardInterrupt:
         print(f"Interrupted: returning the history of {len(history)} completed epoch(s)."
               + (f" Continue with resume=True (from {files.last})." if files is not None and len(history) else ""))
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     return history
 
 
@@ -1395,7 +1400,9 @@ def plot_sample_predictions(model: nn.Module, loader: DeviceLoader, classes, mea
     images, labels = loader.sample(n, seed)
     predictions = model(images).argmax(1)
     nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.3 * nrows), squeeze=False)
+    # constrained layout leaves room for the title above the first row's titles
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.3 * nrows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, label, prediction in zip(axes.flat, images, labels.tolist(), predictions.tolist()):
@@ -1404,7 +1411,6 @@ def plot_sample_predictions(model: nn.Module, loader: DeviceLoader, classes, mea
                      color="green" if prediction == label else "red")
     accuracy = (predictions == labels).float().mean().item()
     fig.suptitle(f"predicted (true): {accuracy:.1%} right on these {len(images)} images")
-    fig.tight_layout()
     if save_path:
         fig.savefig(save_path, dpi=80)
     return fig, accuracy
