@@ -60,11 +60,14 @@ NETWORKS = {
     "AlexNet-227": ("AlexNet-227.ipynb", "AlexNet", {"num_classes": 10}, 227),
     "ZFNet": ("ZFNet.ipynb", "ZFNet", {"num_classes": 10}, 224),
     "AlexNet-Flowers": ("AlexNet-Flowers.ipynb", "AlexNet", {"num_classes": 5, "init_weights": True}, 224),
+    "LeNet5": ("LeNet5.ipynb", "LeNet5", {"num_classes": 10}, 32),
+    "VGG16": ("VGG16.ipynb", "VGG16", {"num_classes": 10}, 32),
+    "ResNet": ("ResNet.ipynb", "ResNet", {"depth": 20, "num_classes": 10}, 32),
 }
 SMALL_INPUT = 64                # input side up to which a network counts as small (CIFAR-10's 32 px)
 CL_BATCH_SIZE = (128, 16)       # channels_last batch size: small networks, larger ones (< 10 images/s here)
 CL_STEPS = (10, 3)              # timed training steps per side per round: small networks, larger ones
-CL_ROUNDS = 3                   # alternating rounds; all five networks take about 5 minutes on 2 cores
+CL_ROUNDS = 3                   # alternating rounds; the five article networks take about 5 minutes on 2 cores
 CL_WARMUP = 1                   # untimed training steps per side before the rounds
 # What a cell may define, so that the notebook's `net = X(...).to(device)` lines are left out
 # (a literal assignment, such as a VGG configuration list, is kept).

@@ -22,7 +22,7 @@ import utils  # noqa: E402
 
 README = RESULTS.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-NOTEBOOK_ORDER = ["CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers"]
+NOTEBOOK_ORDER = ["CustomCNN", "LeNet5", "AlexNet-32", "AlexNet-227", "ZFNet", "VGG16", "ResNet", "AlexNet-Flowers"]
 HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test accuracy (once) "
           "| seconds per epoch | hardware | date |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SECTIONS = ["Setup", "Data", "Network", "Loss function and optimizer", "Training", "Test accuracy",
             "Per-class accuracy", "Sample predictions", "Save the model", "Predict new images"]
-EXPECTED = {"CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers"}
+EXPECTED = {"CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers", "LeNet5", "VGG16", "ResNet"}
 
 
 def cells(path):
@@ -29,8 +29,11 @@ def headings(path):
 
 
 def test_the_course_has_its_notebooks():
+    from results import make_table
     assert NOTEBOOKS, "no notebooks found"
-    assert {p.stem for p in NOTEBOOKS} == EXPECTED
+    assert {p.stem for p in NOTEBOOKS} == EXPECTED == set(make_table.NOTEBOOK_ORDER)
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"(notebooks/{name}.ipynb)" in readme for name in EXPECTED), "the README lists every notebook"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -130,8 +133,9 @@ FIGURE = re.compile(r"\b(\d{1,3}\.\d{2}) ?%")
 
 def measured_figures() -> set[str]:
     import utils
+    from results import make_table
     figures = set()
-    for name in ("CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers"):
+    for name in make_table.NOTEBOOK_ORDER:
         for run in utils.measured_runs(name):
             figures |= {f"{100 * a:.2f}" for a in run["val_acc"]}
             if run.get("test_acc") is not None:
