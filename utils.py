@@ -157,7 +157,7 @@ def _backup_existing(path: pathlib.Path) -> pathlib.Path | None:
 USER_AGENT = "cifar10-course/2.0"
 
 
-def download(url: str, file, *, timeout: float, max_bytes: int, progress: bool = False) -> str:
+def fetch_url(url: str, file, *, timeout: float, max_bytes: int, progress: bool = False) -> str:
     """Stream `url` into the binary file object `file` within `timeout` seconds in all and at
     most `max_bytes` bytes; returns the response's Content-Type.
 
@@ -235,7 +235,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
     buffer = io.BytesIO()
-    content_type = download(url, buffer, timeout=timeout, max_bytes=max_bytes)
+    content_type = fetch_url(url, buffer, timeout=timeout, max_bytes=max_bytes)
     data = buffer.getvalue()
     if content_type and not content_type.startswith("image/"):
         # the bytes decide: a mislabelled image is still an image, a web page is not
@@ -679,7 +679,7 @@ def load_flower_photos(data_dir, download: bool = True) -> pathlib.Path:
         archive = tmp / "flower_photos.tgz"
         try:
             with open(archive, "wb") as f:
-                download(FLOWER_PHOTOS_URL, f, timeout=ARCHIVE_TIMEOUT, max_bytes=MAX_ARCHIVE_BYTES, progress=True)
+                fetch_url(FLOWER_PHOTOS_URL, f, timeout=ARCHIVE_TIMEOUT, max_bytes=MAX_ARCHIVE_BYTES, progress=True)
         except ValueError as err:
             raise DataNotFoundError(_flower_photos_missing_message(data_dir, f"offline? {err}")) from None
         safe_extract_tar(archive, tmp / "unpacked")

@@ -1,4 +1,5 @@
-"""The data layer: both CIFAR-10 layouts, SUBSET, the offline error, the fast-path transforms."""
+"""The data layer: both CIFAR-10 layouts, the train/val/test split, SUBSET, the offline error,
+the fast-path transforms and loaders."""
 import pickle
 import urllib.error
 
@@ -18,46 +19,62 @@ def folder_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def split_root(tmp_path_factory):
+    """20 training images per class: 2 of each class go to validation."""
+    root = tmp_path_factory.mktemp("split")
+    fakedata.write_cifar10_folder(root, train_per_class=20, test_per_class=3)
+    return root
+
+
 def write_torchvision_layout(root, per_batch=20, seed=0):
-    """torchvision's cifar-10-batches-py pickles, with random pixels."""
+    """torchvision's cifar-10-batches-py pickles, with random pixels and every class in each batch."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
         batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "labels": list(rng.integers(0, 10, per_batch))}
+                 "labels": [int(k) for k in rng.permutation(np.arange(per_batch) % 10)]}
         (folder / name).write_bytes(pickle.dumps(batch))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(fakedata.CIFAR10_CLASSES)}))
     return folder
 
 
+def image_bytes(dataset):
+    return [bytes(image.numpy().tobytes()) for image in dataset.images]
+
+
+# ---- layouts --------------------------------------------------------------------------------
+
 def test_image_folder_layout_is_found(folder_root):
-    train_set, test_set = utils.load_cifar10(folder_root)
-    assert (len(train_set), len(test_set)) == (60, 30)
-    assert train_set.classes == list(fakedata.CIFAR10_CLASSES)
+    train_set, val_set, test_set = utils.load_cifar10(folder_root)
+    assert (len(train_set), len(val_set), len(test_set)) == (50, 10, 30)   # 6 per class: 1 to val
+    for dataset in (train_set, val_set, test_set):
+        assert dataset.classes == list(fakedata.CIFAR10_CLASSES)
     image, label = train_set[7]
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
-    assert label == 1          # files are read class by class, in sorted order
+    assert label == 1          # files are read class by class, in sorted order (5 per class left)
+    assert test_set.labels.tolist() == [k for k in range(10) for _ in range(3)]
 
 
 def test_torchvision_layout_is_found(tmp_path, monkeypatch):
     write_torchvision_layout(tmp_path)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    train_set, test_set = utils.load_cifar10(tmp_path, download=False)
-    assert (len(train_set), len(test_set)) == (100, 20)
+    train_set, val_set, test_set = utils.load_cifar10(tmp_path, download=False)
+    assert (len(train_set), len(val_set), len(test_set)) == (90, 10, 20)
     assert train_set.classes == list(fakedata.CIFAR10_CLASSES)
-    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())
-    assert torch.equal(train_set.images[0], torch.from_numpy(raw["data"][0].reshape(3, 32, 32)))
-
-
-def test_subset_keeps_a_fixed_random_draw(folder_root):
-    first, _ = utils.load_cifar10(folder_root, subset=25)
-    second, test_set = utils.load_cifar10(folder_root, subset=25)
-    assert len(first) == 25 and len(test_set) == 25
-    assert torch.equal(first.images, second.images)
-    assert len(set(first.labels.tolist())) > 5   # a random draw, not the first class only
+    raw = [pickle.loads((tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").read_bytes()) for i in range(1, 6)]
+    raw_images = torch.from_numpy(np.concatenate([b["data"] for b in raw]).reshape(-1, 3, 32, 32))
+    raw_labels = [int(label) for b in raw for label in b["labels"]]
+    by_bytes = {bytes(image.numpy().tobytes()): label for image, label in zip(raw_images, raw_labels)}
+    for dataset in (train_set, val_set):                      # every image keeps its own label
+        for image, label in zip(dataset.images, dataset.labels.tolist()):
+            assert by_bytes[bytes(image.numpy().tobytes())] == label
+    assert sorted(image_bytes(train_set) + image_bytes(val_set)) == sorted(by_bytes)
+    test_raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
+    assert torch.equal(test_set.images, torch.from_numpy(test_raw["data"].reshape(-1, 3, 32, 32)))
 
 
 def test_offline_and_missing_gives_one_clear_error(tmp_path, monkeypatch):
@@ -78,22 +95,85 @@ def test_missing_without_download_names_both_layouts(tmp_path):
 
 
 def test_images_of_mixed_sizes_are_refused(tmp_path):
-    fakedata.write_cifar10_folder(tmp_path, train_per_class=1, test_per_class=1)
+    fakedata.write_cifar10_folder(tmp_path, train_per_class=2, test_per_class=1)
     odd = tmp_path / "cifar10" / "train" / "cat" / "big.png"
     fakedata.Image.new("RGB", (40, 40)).save(odd)
     with pytest.raises(ValueError, match="one size"):
         utils.load_cifar10(tmp_path)
 
 
-def test_test_split_is_never_augmented_or_shuffled(folder_root):
-    train_set, test_set = utils.load_cifar10(folder_root, augment=utils.RandomCropFlip())
-    assert train_set.augment is not None and test_set.augment is None
-    assert torch.equal(test_set[4][0], test_set.images[4])
-    loader = utils.make_loader(test_set, 8, "cpu", shuffle=False)
-    first = torch.cat([labels for _, labels in loader])
-    second = torch.cat([labels for _, labels in loader])
-    assert torch.equal(first, test_set.labels) and torch.equal(second, test_set.labels)
+# ---- the train / val / test split -----------------------------------------------------------
 
+def test_train_and_val_are_disjoint_and_cover_the_training_images(split_root):
+    train_set, val_set, test_set = utils.load_cifar10(split_root)
+    train, val = image_bytes(train_set), image_bytes(val_set)
+    assert len(set(train)) == len(train) == 180 and len(set(val)) == len(val) == 20   # noise: all distinct
+    assert not set(train) & set(val)
+    everything = utils.load_cifar10(split_root, val_fraction=0.05)
+    assert set(train) | set(val) == set(image_bytes(everything[0])) | set(image_bytes(everything[1]))
+    assert not (set(train) | set(val)) & set(image_bytes(test_set))
+
+
+def test_val_is_stratified(split_root):
+    _, val_set, _ = utils.load_cifar10(split_root)
+    assert torch.bincount(val_set.labels, minlength=10).tolist() == [2] * 10
+    _, bigger, _ = utils.load_cifar10(split_root, val_fraction=0.25)
+    assert torch.bincount(bigger.labels, minlength=10).tolist() == [5] * 10
+
+
+def test_split_is_the_same_on_every_call_and_seeded(split_root):
+    first = utils.load_cifar10(split_root)
+    second = utils.load_cifar10(split_root)
+    for a, b in zip(first, second):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    other_seed = utils.load_cifar10(split_root, seed=1)
+    assert set(image_bytes(other_seed[1])) != set(image_bytes(first[1]))
+    assert torch.equal(other_seed[2].images, first[2].images)     # the test split never moves
+
+
+def test_subset_caps_each_split_after_the_split(split_root):
+    full_train, full_val, full_test = (set(image_bytes(d)) for d in utils.load_cifar10(split_root))
+    train_set, val_set, test_set = utils.load_cifar10(split_root, subset=15)
+    assert (len(train_set), len(val_set), len(test_set)) == (15, 15, 15)
+    assert set(image_bytes(train_set)) <= full_train                # subset never moves images
+    assert set(image_bytes(val_set)) <= full_val                    # between splits
+    assert set(image_bytes(test_set)) <= full_test
+    small = utils.load_cifar10(split_root, subset=5)
+    assert [len(d) for d in small] == [5, 5, 5]
+    assert set(image_bytes(small[1])) <= full_val
+    again = utils.load_cifar10(split_root, subset=15)
+    assert all(torch.equal(a.images, b.images) for a, b in zip((train_set, val_set, test_set), again))
+    assert len(set(train_set.labels.tolist())) > 5                  # a random draw, not the first class only
+
+
+def test_val_and_test_are_never_augmented_or_shuffled(folder_root):
+    train_set, val_set, test_set = utils.load_cifar10(folder_root, augment=utils.RandomCropFlip())
+    assert train_set.augment is not None and val_set.augment is None and test_set.augment is None
+    assert torch.equal(test_set[4][0], test_set.images[4]) and torch.equal(val_set[4][0], val_set.images[4])
+    for dataset in (val_set, test_set):
+        loader = utils.make_loader(dataset, 8, "cpu", shuffle=False)
+        first = torch.cat([labels for _, labels in loader])
+        second = torch.cat([labels for _, labels in loader])
+        assert torch.equal(first, dataset.labels) and torch.equal(second, dataset.labels)
+
+
+def test_stratified_split_gives_each_part_at_least_one_and_refuses_tiny_classes():
+    parts = utils.stratified_split({"a": range(10), "b": range(100, 103)}, [0.1, 0.1], seed=0)
+    assert [len(p) for p in parts] == [9, 2, 2]
+    assert sorted(sum(parts, [])) == list(range(10)) + [100, 101, 102]
+    assert all({m >= 100 for m in part} == {False, True} for part in parts)   # both classes everywhere
+    assert parts == utils.stratified_split({"b": range(100, 103), "a": range(10)}, [0.1, 0.1], seed=0)
+    with pytest.raises(ValueError, match="'c' has 2 item"):
+        utils.stratified_split({"c": [1, 2]}, [0.1, 0.1], seed=0)
+
+
+def test_stratified_split_is_the_same_on_every_machine():
+    """Recorded once: it would change if the split used Python's per-process hash."""
+    _, val = utils.stratified_split({"cat": list(range(20)), "dog": list(range(20, 40))}, [0.1], seed=0)
+    assert val == [6, 12, 33, 39]
+
+
+# ---- augmentation, normalisation, loaders ---------------------------------------------------
 
 def test_random_crop_flip_shifts_and_mirrors():
     image = torch.arange(3 * 8 * 8, dtype=torch.uint8).view(3, 8, 8)
@@ -111,23 +191,33 @@ def test_batch_transform_normalises_and_resizes():
     out = utils.BatchTransform(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), size=227)(images)
     assert out.shape == (2, 3, 227, 227) and out.dtype == torch.float32
     assert torch.allclose(out, torch.full_like(out, 2.0))
-    floats = torch.randn(2, 3, 8, 8)
-    assert utils.BatchTransform()(floats) is floats
+    same_size = utils.BatchTransform(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(images[:, :, :8, :8])
+    assert same_size.shape == (2, 3, 8, 8) and torch.allclose(same_size, torch.full_like(same_size, 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_batch_transform_refuses_anything_but_uint8(dtype):
+    with pytest.raises(TypeError, match="uint8"):
+        utils.BatchTransform()(torch.zeros(2, 3, 8, 8, dtype=dtype))
 
 
 def test_device_loader_yields_ready_batches_and_a_fair_sample(folder_root):
-    train_set, _ = utils.load_cifar10(folder_root)
+    train_set, _, _ = utils.load_cifar10(folder_root)
     loader = utils.make_loader(train_set, 16, "cpu", shuffle=True, transform=utils.BatchTransform(size=40))
     images, labels = next(iter(loader))
     assert images.shape == (16, 3, 40, 40) and images.dtype == torch.float32 and labels.shape == (16,)
-    assert len(loader) == 4
+    assert len(loader) == 4 and loader.batch_size == 16 and loader.dataset is train_set
+    assert not hasattr(loader, "channels_last")
     sample_images, sample_labels = loader.sample(20)
     assert sample_images.shape == (20, 3, 40, 40)
     assert len(set(sample_labels.tolist())) >= 5
+    again_images, again_labels = loader.sample(20)
+    assert torch.equal(sample_images, again_images) and torch.equal(sample_labels, again_labels)
+    assert not torch.equal(loader.sample(20, seed=1)[1], sample_labels)
 
 
 def test_shuffle_is_seeded(folder_root):
-    train_set, _ = utils.load_cifar10(folder_root)
+    train_set, _, _ = utils.load_cifar10(folder_root)
     orders = [torch.cat([labels for _, labels in utils.make_loader(train_set, 10, "cpu", shuffle=True, seed=3)])
               for _ in range(2)]
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], train_set.labels)

@@ -39,3 +39,9 @@ def test_requirements_use_lower_bounds_only():
             line = line.split("#")[0].strip()
             if line and not line.startswith("-r"):
                 assert ">=" in line and "==" not in line and "<" not in line, line
+
+
+def test_requests_is_a_dependency():
+    """utils.fetch_url uses requests: pip and conda users must get it."""
+    assert "requests" in requirement_names(ROOT / "requirements.txt")
+    assert "requests" in conda_names(ROOT / "environment.yml")

@@ -1,4 +1,5 @@
-"""utils.load_image / utils.predict: every image mode, every bad input, URLs served on 127.0.0.1."""
+"""utils.load_image / utils.fetch_url / utils.preprocess / utils.predict: every image mode, every
+bad input, URLs served on 127.0.0.1, and prediction preprocessed exactly as in training."""
 import http.server
 import io
 import threading
@@ -11,8 +12,10 @@ import torch.nn as nn
 from PIL import Image
 
 import utils
+from tests import fakedata
 
 CLASSES = ["red", "green", "blue"]
+META = dict(classes=CLASSES, image_size=32, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, arch="MeanColour")
 
 
 class MeanColour(nn.Module):
@@ -30,7 +33,7 @@ def encode(image, fmt="PNG", **options):
 def predict(source, **options):
     model = MeanColour()
     model.dummy = nn.Parameter(torch.zeros(1))  # predict() finds the device from the parameters
-    return utils.predict(model, source, CLASSES, 32, (0.5,) * 3, (0.5,) * 3, **options)
+    return utils.predict(model, source, META, **options)
 
 
 def test_predict_returns_sorted_top_k_pairs():
@@ -129,15 +132,22 @@ def test_random_bytes_and_wrong_types():
         utils.load_image(io.StringIO("hello"))
 
 
-@pytest.mark.parametrize("url, reason", [
+MALFORMED_URLS = [
     ("https://[::1", "not a valid URL"),
-    ("http://127.0.0.1:abc/x.png", "nonnumeric port"),
-    ("http://", "could not connect"),
-])
-def test_malformed_urls_name_the_url(url, reason):
+    ("http://127.0.0.1:abc/x.png", "not a valid URL"),
+    ("http://", "not a valid URL"),
+    ("http://127.0.0.1:9/x.png", "could not connect"),           # nothing listens on port 9
+]
+
+
+@pytest.mark.parametrize("url, reason", MALFORMED_URLS)
+def test_malformed_and_unreachable_urls_name_the_url(url, reason):
     with pytest.raises(ValueError) as err:
         utils.load_image(url, timeout=2)
-    assert str(err.value).startswith(url) and reason in str(err.value)
+    assert str(err.value).startswith(f"{url}: {reason}")
+    with pytest.raises(ValueError) as err:
+        utils.fetch_url(url, io.BytesIO(), timeout=2, max_bytes=1000)
+    assert str(err.value).startswith(f"{url}: {reason}")
 
 
 def test_empty_string_is_refused():
@@ -236,7 +246,7 @@ def test_url_predicts(server):
     assert predict(f"{server}/mislabelled.png")[0][0] == "red"   # the bytes decide, not the header
 
 
-@pytest.mark.parametrize("path, options, reason", [
+BAD_URLS = [
     ("/missing.png", {}, "HTTP error 404"),
     ("/page.html", {}, "text/html, not an image"),
     ("/slow.png", {"timeout": 1}, "timed out after 1 s"),
@@ -245,7 +255,10 @@ def test_url_predicts(server):
     ("/endless.png", {"max_bytes": 200_000}, "passed the 200,000-byte limit"),
     ("/empty.png", {}, "empty"),
     ("/garbage.png", {}, "not a readable image"),
-])
+]
+
+
+@pytest.mark.parametrize("path, options, reason", BAD_URLS)
 def test_bad_urls_raise_value_error_naming_url_and_reason(server, path, options, reason):
     url = f"{server}{path}"
     with pytest.raises(ValueError) as err:
@@ -253,20 +266,139 @@ def test_bad_urls_raise_value_error_naming_url_and_reason(server, path, options,
     assert str(err.value).startswith(url) and reason in str(err.value)
 
 
-def test_connection_refused_names_the_url():
-    with pytest.raises(ValueError, match=r"http://127.0.0.1:9/x.png: could not connect"):
-        utils.load_image("http://127.0.0.1:9/x.png", timeout=2)
+# ---- the downloader itself ------------------------------------------------------------------
 
+@pytest.mark.parametrize("path, options, reason", [case for case in BAD_URLS
+                                                   if case[0] not in ("/page.html", "/garbage.png")])
+def test_download_failures_name_url_and_reason(server, path, options, reason):
+    url = f"{server}{path}"
+    options = {"timeout": 10, "max_bytes": utils.MAX_DOWNLOAD_BYTES, **options}
+    with pytest.raises(ValueError) as err:
+        utils.fetch_url(url, io.BytesIO(), **options)
+    assert str(err.value).startswith(f"{url}: ") and reason in str(err.value)
+
+
+def test_download_streams_the_body_and_returns_the_content_type(server):
+    buffer = io.BytesIO()
+    assert utils.fetch_url(f"{server}/red.png", buffer, timeout=5, max_bytes=10_000) == "image/png"
+    assert buffer.getvalue() == PNG
+    page = io.BytesIO()                                        # any content: deciding is the caller's job
+    assert utils.fetch_url(f"{server}/page.html", page, timeout=5, max_bytes=10_000).startswith("text/html")
+    assert page.getvalue() == b"<html>hello</html>"
+    with pytest.raises(ValueError, match=f"is {len(PNG)} bytes, over the {len(PNG) - 1}-byte limit"):
+        utils.fetch_url(f"{server}/red.png", io.BytesIO(), timeout=5, max_bytes=len(PNG) - 1)
+    utils.fetch_url(f"{server}/red.png", io.BytesIO(), timeout=5, max_bytes=len(PNG))   # the limit is allowed
+
+
+def test_load_image_downloads_through_utils_download(monkeypatch):
+    calls = []
+
+    def fake_download(url, file, *, timeout, max_bytes, progress=False):
+        calls.append((url, timeout, max_bytes))
+        file.write(PNG)
+        return "image/png"
+
+    monkeypatch.setattr(utils, "fetch_url", fake_download)
+    image = utils.load_image("https://example.invalid/red.png", timeout=3, max_bytes=5000)
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert calls == [("https://example.invalid/red.png", 3, 5000)]
+
+
+# ---- output ---------------------------------------------------------------------------------
 
 def test_print_top_k_prints_a_row_per_class(capsys):
     utils.print_top_k([("cat", 0.75), ("automobile", 0.25)])
     assert capsys.readouterr().out.splitlines() == ["       cat:  75.0%", "automobile:  25.0%"]
 
 
-def test_show_prediction_titles_the_image_and_prints_the_table(capsys, monkeypatch):
+def test_show_top_k_titles_the_image_and_prints_the_table(capsys, monkeypatch):
     import matplotlib.pyplot as plt
     titles = []
     monkeypatch.setattr(plt, "show", lambda: titles.append(plt.gca().get_title()))
-    utils.show_prediction(Image.new("RGB", (8, 8)), [("cat", 0.75), ("dog", 0.25)], "my photo")
+    assert utils.show_top_k(Image.new("RGB", (8, 8)), [("cat", 0.75), ("dog", 0.25)], "my photo") is None
     assert titles == ["cat (75.0%)"]
     assert capsys.readouterr().out.splitlines() == ["my photo", "cat:  75.0%", "dog:  25.0%"]
+    plt.close("all")
+
+
+# ---- preprocessing: exactly the training path -----------------------------------------------
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    fakedata.write_cifar10_folder(root, train_per_class=3, test_per_class=2)
+    return root
+
+
+@pytest.mark.parametrize("size", [None, 64])
+def test_preprocess_of_a_cifar_file_equals_the_training_batch(cifar_root, size):
+    _, _, test_set = utils.load_cifar10(cifar_root)
+    test_dir = cifar_root / "cifar10" / "test"
+    _, files = utils.scan_image_folder(test_dir)
+    for name in ("airplane/0000.png", "cat/0001.png", "truck/0001.png"):
+        index = files.index(name)                              # load_cifar10 keeps the file order
+        expected = utils.BatchTransform(MEAN, STD, size)(test_set.images[index:index + 1])
+        meta = dict(classes=test_set.classes, image_size=32, input_size=size or 32, mean=MEAN, std=STD)
+        got = utils.preprocess(utils.load_image(test_dir / name), meta)
+        assert got.shape == (1, 3, size or 32, size or 32)
+        assert torch.equal(got, expected), name
+
+
+def test_preprocess_of_a_flower_photo_equals_the_val_dataset_item(tmp_path):
+    root = fakedata.write_flower_photos(tmp_path / "data", per_class=3)
+    _, val_files, _, classes = utils.split_image_folder(root, tmp_path / "split.json")
+    dataset = utils.ImageFileDataset(val_files, classes, image_size=48)
+    meta = dict(classes=classes, image_size=48, input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    transform = utils.BatchTransform(meta["mean"], meta["std"], meta["input_size"])
+    sizes = set()
+    for i, path in enumerate(dataset.files):
+        image = utils.load_image(path)
+        sizes.add(image.size)
+        item, _ = dataset[i]
+        assert item.dtype == torch.uint8 and item.shape == (3, 48, 48)
+        assert torch.equal(utils.preprocess(image, meta), transform(item[None])), path.name
+    assert (48, 48) not in sizes                                # every photo was resized
+
+
+def test_a_big_photo_is_reduced_to_image_size_before_upscaling():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))   # 400x300
+    meta = dict(classes=CLASSES, image_size=32, input_size=64, mean=MEAN, std=STD)
+    got = utils.preprocess(photo, meta)
+    small = utils.image_to_tensor(photo.resize((32, 32), Image.BILINEAR))
+    assert torch.equal(got, utils.BatchTransform(MEAN, STD, 64)(small[None]))
+    direct = utils.image_to_tensor(photo, 64)                  # straight to 64x64 would differ
+    assert not torch.allclose(got, utils.BatchTransform(MEAN, STD)(direct[None]), atol=1e-3)
+
+
+def test_image_to_tensor_is_uint8_and_resizes_only_when_needed():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    tensor = utils.image_to_tensor(image)
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 20, 30) and tensor.is_contiguous()
+    assert torch.equal(tensor.permute(1, 2, 0), torch.from_numpy(np.array(image)))
+    square = image.resize((16, 16))
+    assert torch.equal(utils.image_to_tensor(square, 16), utils.image_to_tensor(square))
+    assert utils.image_to_tensor(image, 16).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("drop", [["image_size"], ["std", "classes"], ["input_size"]])
+def test_preprocess_names_missing_metadata(drop):
+    meta = {k: v for k, v in META.items() if k not in drop}
+    with pytest.raises(ValueError) as info:
+        utils.preprocess(Image.new("RGB", (8, 8)), meta)
+    for key in drop:
+        assert repr(key) in str(info.value)
+    with pytest.raises(ValueError, match="'input_size'"):
+        utils.preprocess(Image.new("RGB", (8, 8)), {**META, "input_size": None})
+
+
+def test_predict_uses_the_checkpoints_metadata(tmp_path):
+    model = MeanColour()
+    model.dummy = nn.Parameter(torch.zeros(1))
+    path = utils.save_checkpoint(tmp_path / "m.pth", model, **META)
+    meta = utils.load_checkpoint(path, model)
+    top = utils.predict(model, Image.new("RGB", (300, 200), (0, 255, 0)), meta, topk=1)
+    assert top[0][0] == "green" and len(top) == 1

@@ -50,3 +50,64 @@ def test_show_feature_maps_shows_the_most_active_channels_first():
 def test_show_feature_maps_rejects_a_batch():
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         utils.show_feature_maps(torch.zeros(2, 3, 4, 4))
+
+
+# ---- predictions and training curves --------------------------------------------------------
+
+class AlwaysFirst(torch.nn.Module):
+    """Predicts class 0 for every image."""
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), 10)
+        logits[:, 0] = 1
+        return logits
+
+
+@pytest.fixture
+def sorted_loader():
+    """40 images sorted by class, 4 per class, as a test set is."""
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10).repeat_interleave(4)
+    dataset = utils.UInt8ImageDataset(images, labels, [f"c{k}" for k in range(10)])
+    return utils.make_loader(dataset, 16, "cpu", shuffle=False, transform=utils.BatchTransform())
+
+
+def titles_and_colours(fig):
+    return [(ax.get_title(), ax.title.get_color()) for ax in fig.axes if ax.images]
+
+
+def test_plot_sample_predictions_draws_a_seeded_random_sample(sorted_loader, tmp_path):
+    classes = sorted_loader.dataset.classes
+    fig, accuracy = utils.plot_sample_predictions(AlwaysFirst(), sorted_loader, classes, n=12, ncols=4,
+                                                  save_path=tmp_path / "grid.png")
+    shown = titles_and_colours(fig)
+    assert len(shown) == 12 and (tmp_path / "grid.png").stat().st_size > 0
+    truths = [title.split("\n")[1].strip("()") for title, _ in shown]
+    assert len(set(truths)) > 3                                 # not the first 12 (3 classes) of a sorted set
+    for (title, colour), truth in zip(shown, truths):
+        assert title.startswith("c0\n")                         # "predicted\n(true)"
+        assert colour == ("green" if truth == "c0" else "red")
+    assert accuracy == pytest.approx(truths.count("c0") / 12)
+    again, _ = utils.plot_sample_predictions(AlwaysFirst(), sorted_loader, classes, n=12, ncols=4)
+    other, _ = utils.plot_sample_predictions(AlwaysFirst(), sorted_loader, classes, n=12, ncols=4, seed=1)
+    assert titles_and_colours(again) == shown and titles_and_colours(other) != shown
+    plt.close("all")
+
+
+def test_plot_history_draws_train_and_validation_and_marks_the_best_epoch(tmp_path):
+    history = utils.History(epoch=[1, 2, 3], train_loss=[2.0, 1.5, 1.0], train_acc=[0.2, 0.4, 0.6],
+                            val_loss=[2.1, 1.7, 1.8], val_acc=[0.3, 0.5, 0.4], lr=[0.1, 0.1, 0.01],
+                            seconds=[1.0, 1.0, 1.0])
+    fig = utils.plot_history(history, save_path=tmp_path / "plots" / "history.png")
+    ax_loss, ax_acc, ax_lr = fig.axes
+    lines = {line.get_label(): line for line in ax_acc.get_lines()}
+    assert list(lines["validation"].get_ydata()) == pytest.approx([30, 50, 40])
+    assert list(lines["train"].get_ydata()) == pytest.approx([20, 40, 60])
+    assert list(lines["best (by validation)"].get_xdata()) == [2, 2]
+    loss_lines = {line.get_label(): list(line.get_ydata()) for line in ax_loss.get_lines()}
+    assert loss_lines == {"train": [2.0, 1.5, 1.0], "validation": [2.1, 1.7, 1.8]}
+    assert (tmp_path / "plots" / "history.png").stat().st_size > 0
+    plt.close(fig)

@@ -1,0 +1,105 @@
+"""The README's side-by-side comparison (results/make_table.py): one row per notebook, measured
+figures only, "not measured" everywhere else; the figure; and the `measure` subcommand."""
+import json
+import shutil
+
+import pytest
+
+import utils
+from results import make_table
+from tests.test_notebooks import FIGURE, REFERENCE_FIGURES
+
+
+def fake_run(name: str, val_acc: list[float], test_acc: float | None, full_recipe: bool, started: str) -> dict:
+    epochs = list(range(1, len(val_acc) + 1))
+    return {"epoch": epochs, "train_loss": [1.0] * len(epochs), "train_acc": [0.5] * len(epochs),
+            "val_loss": [1.0] * len(epochs), "val_acc": val_acc, "lr": [0.1] * len(epochs),
+            "seconds": [40.0] * len(epochs), "test_acc": test_acc,
+            "info": {"name": name, "note": "fake run", "full_recipe": full_recipe,
+                     "device": "CPU, 2 cores (x86_64)", "started": started}}
+
+
+FAKE_THROUGHPUT = {
+    "info": {"kind": "throughput"}, "machine": "CPU, 2 cores (x86_64)", "torch": "2.x", "date": "2026-11-25",
+    "threads": 2, "load_average": 1.0, "rounds": 1, "warmup": 1, "memory_format": "channels_last",
+    "networks": {"LeNet5": {"parameters": 62006, "mult_adds": 658238, "images_per_s": 1234.5,
+                            "batch_size": 128, "input_size": 32, "steps": 5}}}
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    """An empty results/ and a copy of the README, in place of the repository's."""
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    shutil.copyfile(make_table.README, readme)
+    monkeypatch.setattr(make_table, "RESULTS", results)
+    monkeypatch.setattr(make_table, "README", readme)
+    monkeypatch.setattr(utils, "RESULTS_DIR", results)
+    return results
+
+
+def write(path, data):
+    path.write_text(json.dumps(data))
+
+
+def table_rows(lines: list[str]) -> dict[str, list[str]]:
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in lines[2:] if line.startswith("| "))}
+
+
+def test_one_row_per_notebook_measured_figures_only(results_dir):
+    # LeNet5: a short run with the higher validation accuracy, and the full-recipe run that counts
+    write(results_dir / "LeNet5-short.json", fake_run("LeNet5", [0.4, 0.6543], 0.6421, False, "2026-11-20T10:00"))
+    write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312, 0.6234], 0.6187, True, "2026-11-21T10:00"))
+    write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)
+    lines = make_table.comparison()
+    rows = table_rows(lines)
+    assert list(rows) == make_table.NOTEBOOK_ORDER
+    assert "CPU, 2 cores (x86_64)" in lines[0]
+    assert rows["LeNet5"][:3] == ["62,006", "0.66 M", "1,234.5 (batch 128)"]
+    assert rows["LeNet5"][3:5] == ["63.12% (epoch 2)", "61.87%"]      # as the results table formats them
+    assert rows["LeNet5"][5].startswith("3 epochs x 40 s on CPU, 2 cores (x86_64)")
+    for name in set(make_table.NOTEBOOK_ORDER) - {"LeNet5"}:
+        assert rows[name] == [make_table.NOT_MEASURED] * 6, name
+    text = "\n".join(lines)
+    assert set(FIGURE.findall(text)) == {"63.12", "61.87"} and not set(FIGURE.findall(text)) & REFERENCE_FIGURES
+
+
+def test_without_throughput_every_size_and_speed_says_not_measured(results_dir):
+    write(results_dir / "ResNet-run.json", fake_run("ResNet", [0.7012], None, True, "2026-11-21T10:00"))
+    rows = table_rows(make_table.comparison())
+    assert all(cells[:3] == [make_table.NOT_MEASURED] * 3 for cells in rows.values())
+    assert rows["ResNet"][3:5] == ["70.12% (epoch 1)", make_table.NOT_MEASURED]
+
+
+def test_write_all_fills_the_readme_and_draws_the_figure(results_dir):
+    write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
+    write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)
+    make_table.write_all()
+    assert make_table.comparison_in_readme() == make_table.comparison()
+    assert make_table.table_in_readme() == make_table.rows()
+    png = (results_dir / make_table.FIGURE).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_figure_without_any_measured_run(results_dir):
+    path = make_table.write_figure(results_dir / "empty.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_measure_writes_throughput_with_exact_parameters(tmp_path):
+    path = tmp_path / "throughput.json"
+    make_table.main(["measure", "--networks", "LeNet5", "--batch-size", "2", "--steps", "1",
+                     "--rounds", "1", "--warmup", "1", "--output", str(path)])
+    measured = json.loads(path.read_text())
+    assert measured["machine"] and measured["threads"] >= 1 and measured["torch"]
+    lenet = measured["networks"]["LeNet5"]
+    assert list(measured["networks"]) == ["LeNet5"]
+    assert lenet["parameters"] == 62_006 and lenet["mult_adds"] > 0
+    assert lenet["images_per_s"] > 0 and lenet["batch_size"] == 2 and lenet["input_size"] == 32
+    assert measured["info"].get("name") is None            # utils.measured_runs skips it
+
+
+def test_readme_comparison_is_generated_from_results():
+    assert make_table.comparison_in_readme() == make_table.comparison(), "run: python results/make_table.py"
