@@ -1558,8 +1558,9 @@ RESULTS_DIR = REPO_DIR / "results"
 def measured_runs(name: str) -> list[dict]:
     """The course's measured runs of notebook `name`: the history JSON files in `results/`
     (see results/make_table.py), oldest first."""
-    runs = [json.loads(path.read_text()) for path in sorted(RESULTS_DIR.glob("*.json"))]
-    return sorted((run for run in runs if run["info"].get("name") == name), key=lambda run: run["info"]["started"])
+    files = [json.loads(path.read_text()) for path in sorted(RESULTS_DIR.glob("*.json"))]
+    runs = [run for run in files if "epoch" in run and run["info"].get("name") == name]   # histories only
+    return sorted(runs, key=lambda run: run["info"]["started"])
 
 
 def describe_run(run: dict) -> str:
