@@ -1141,6 +1141,69 @@ def _resume(files: RunFiles, recipe: dict, model, optimizer, scheduler, scaler, 
     return History(**training["history"])
 
 
+def _check_finite(losses: list[torch.Tensor], epoch: int, last_batch: int) -> None:
+    if not losses:
+        return
+    finite = torch.isfinite(torch.stack(losses).float())
+    if not bool(finite.all()):
+        first_bad = int((~finite).nonzero()[0])
+        batch = last_batch - len(losses) + 1 + first_bad
+        raise FloatingPointError(
+            f"the training loss became {losses[first_bad].item()} at epoch {epoch}, batch {batch}: "
+            f"training stopped (the checkpoints so far are kept). "
+            f"Try a lower learning rate or check the inputs for NaNs.")
+
+
+def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype, device,
+                     batch_scheduler, epoch, num_epochs, log_every, progress):
+    """One pass over `loader`; returns (mean loss, accuracy). Syncs with the device only every
+    `log_every` batches (for the progress bar and the non-finite check), not every batch."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    recent_losses: list[torch.Tensor] = []
+    bar = tqdm(loader, desc=f"epoch {epoch}/{num_epochs}", leave=False, disable=not progress,
+               unit="batch")
+    for batch, (images, labels) in enumerate(bar, start=1):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            outputs = model(images)
+            loss = criterion(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        loss = loss.detach()
+        recent_losses.append(loss)
+        loss_sum += loss.float() * len(labels)
+        correct += (outputs.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        if batch % log_every == 0:
+            _check_finite(recent_losses, epoch, batch)
+            recent_losses.clear()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
+    if seen == 0:
+        raise ValueError("the training loader yielded no batches")
+    _check_finite(recent_losses, epoch, batch)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
+                optimizer, scheduler, scaler, train_loader) -> None:
+    """After an epoch: the best checkpoint (when val accuracy improved), then the last state,
+    then the history JSON; each write atomic."""
+    epoch, val_acc = history.epoch[-1], history.val_acc[-1]
+    if improved:
+        _atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
+    training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(), "rng": _rng_state(train_loader), "history": asdict(history)}
+    _atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
+    history.to_json(files.history)
+
+
 def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer, criterion,
           scheduler=None, *, files: RunFiles | None = None, metadata: dict | None = None,
           resume: bool = False, writer=None, amp: bool | None = None,
@@ -1247,69 +1310,6 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
     return history
-
-
-def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
-                optimizer, scheduler, scaler, train_loader) -> None:
-    """After an epoch: the best checkpoint (when val accuracy improved), then the last state,
-    then the history JSON; each write atomic."""
-    epoch, val_acc = history.epoch[-1], history.val_acc[-1]
-    if improved:
-        _atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
-    training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "rng": _rng_state(train_loader), "history": asdict(history)}
-    _atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
-    history.to_json(files.history)
-
-
-def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype, device,
-                     batch_scheduler, epoch, num_epochs, log_every, progress):
-    """One pass over `loader`; returns (mean loss, accuracy). Syncs with the device only every
-    `log_every` batches (for the progress bar and the non-finite check), not every batch."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
-    recent_losses: list[torch.Tensor] = []
-    bar = tqdm(loader, desc=f"epoch {epoch}/{num_epochs}", leave=False, disable=not progress,
-               unit="batch")
-    for batch, (images, labels) in enumerate(bar, start=1):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            outputs = model(images)
-            loss = criterion(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if batch_scheduler is not None:
-            batch_scheduler.step()
-        loss = loss.detach()
-        recent_losses.append(loss)
-        loss_sum += loss.float() * len(labels)
-        correct += (outputs.detach().argmax(1) == labels).sum()
-        seen += len(labels)
-        if batch % log_every == 0:
-            _check_finite(recent_losses, epoch, batch)
-            recent_losses.clear()
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
-    if seen == 0:
-        raise ValueError("the training loader yielded no batches")
-    _check_finite(recent_losses, epoch, batch)
-    return loss_sum.item() / seen, correct.item() / seen
-
-
-def _check_finite(losses: list[torch.Tensor], epoch: int, last_batch: int) -> None:
-    if not losses:
-        return
-    finite = torch.isfinite(torch.stack(losses).float())
-    if not bool(finite.all()):
-        first_bad = int((~finite).nonzero()[0])
-        batch = last_batch - len(losses) + 1 + first_bad
-        raise FloatingPointError(
-            f"the training loss became {losses[first_bad].item()} at epoch {epoch}, batch {batch}: "
-            f"training stopped (the checkpoints so far are kept). "
-            f"Try a lower learning rate or check the inputs for NaNs.")
 
 
 # =============================================================================================
