@@ -402,3 +402,33 @@ def test_predict_uses_the_checkpoints_metadata(tmp_path):
     meta = utils.load_checkpoint(path, model)
     top = utils.predict(model, Image.new("RGB", (300, 200), (0, 255, 0)), meta, topk=1)
     assert top[0][0] == "green" and len(top) == 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP", "ICO"])
+def test_mutated_files_give_rgb_or_value_error(fmt):
+    """Seeded random damage (changed bytes, cut tails) to a valid file: load_image returns an
+    RGB image or raises ValueError, never any other exception."""
+    import random
+    import warnings
+    rng = random.Random(fmt)
+    data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)), fmt)
+    for _ in range(60):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            damaged = damaged[:rng.randrange(1, len(damaged))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                assert utils.load_image(bytes(damaged)).mode == "RGB"
+            except ValueError:
+                pass
+
+
+@pytest.mark.parametrize("source", [None, 3, 2.5, np.zeros((2, 2)), torch.zeros(3), "   ", "ftp://host/x.png",
+                                    "file:///etc/passwd", "http://", "https://", "http://exa mple.com/x.png",
+                                    "http://127.0.0.1:99999/x.png", "http://[/x.png", io.StringIO("text")])
+def test_odd_sources_give_value_error(source):
+    with pytest.raises(ValueError):
+        utils.load_image(source, timeout=2)
