@@ -58,8 +58,11 @@ def add(history_path: pathlib.Path, name: str, note: str, full_recipe: bool, plo
     if "val_acc" not in history:
         sys.exit(f"{history_path}: not a history of utils.train with a validation split")
     history["info"].update(name=name, note=note, full_recipe=full_recipe)
-    stem = f"{name}-{history['info']['started'][:10]}-{len(history['epoch'])}ep"
+    started = history["info"]["started"]                    # e.g. 2026-11-24T00:29:54+00:00
+    stem = f"{name}-{started[:10]}-{started[11:16].replace(':', '')}-{len(history['epoch'])}ep"
     target = RESULTS / f"{stem}.json"
+    if target.exists():
+        sys.exit(f"{target} exists already: a run is added once")
     target.write_text(json.dumps(history, indent=1) + "\n")
     if plot:
         shutil.copyfile(plot, RESULTS / f"{stem}.png")

@@ -102,3 +102,14 @@ def test_measure_writes_throughput_with_exact_parameters(tmp_path):
 
 def test_readme_comparison_is_generated_from_results():
     assert make_table.comparison_in_readme() == make_table.comparison(), "run: python results/make_table.py"
+
+
+def test_add_never_overwrites_a_recorded_run(results_dir, tmp_path):
+    history = tmp_path / "history.json"
+    write(history, fake_run("LeNet5", [0.5, 0.6], 0.59, True, "2026-11-24T01:15:02+00:00"))
+    first = make_table.add(history, "LeNet5", "first", True, None)
+    write(history, fake_run("LeNet5", [0.4, 0.7], 0.69, True, "2026-11-24T01:26:40+00:00"))
+    second = make_table.add(history, "LeNet5", "second run, same day and epochs", True, None)
+    assert first != second and json.loads(first.read_text())["info"]["note"] == "first"
+    with pytest.raises(SystemExit, match="exists already"):
+        make_table.add(history, "LeNet5", "again", True, None)
