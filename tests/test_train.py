@@ -297,15 +297,11 @@ def test_train_does_not_change_the_callers_loaders(datasets):
 
 # ---- interrupting and resuming --------------------------------------------------------------
 
-class InterruptAt:
+class InterruptAt(Counting):
     """A loader that raises KeyboardInterrupt (Ctrl-C) in the middle of its `epoch`-th pass."""
     def __init__(self, loader, epoch):
-        self.loader, self.epoch, self.passes = loader, epoch, 0
-        self.dataset, self.batch_size = loader.dataset, loader.batch_size
-        self.generator = getattr(loader, "generator", None)
-
-    def __len__(self):
-        return len(self.loader)
+        super().__init__(loader)
+        self.epoch = epoch
 
     def __iter__(self):
         self.passes += 1
