@@ -40,6 +40,7 @@ THROUGHPUT = "throughput.json"          # in RESULTS, written by `measure`
 FIGURE = "comparison.png"               # in RESULTS, written with the tables
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMPARISON_START, COMPARISON_END = "<!-- comparison:start -->", "<!-- comparison:end -->"
+OTHER_DATA_SETS = {"AlexNet-Flowers": "flower_photos, 5 classes"}   # every other notebook: CIFAR-10
 NOTEBOOK_ORDER = ["CustomCNN", "LeNet5", "AlexNet-32", "AlexNet-227", "ZFNet", "VGG16", "ResNet", "AlexNet-Flowers"]
 HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test accuracy (once) "
           "| seconds per epoch | hardware | date |",
@@ -219,8 +220,10 @@ def write_figure(path: pathlib.Path | None = None) -> pathlib.Path:
         else:
             points[name] = (networks[name]["mult_adds"], 100 * run["test_acc"], len(run["epoch"]))
     for name, (x, y, epochs) in points.items():
-        axes.plot(x, y, "o", color="tab:blue")
-        axes.annotate(f"{name}, {epochs} epoch{'s' if epochs != 1 else ''}", (x, y),
+        other_task = name in OTHER_DATA_SETS                 # not CIFAR-10: another task, a hollow marker
+        axes.plot(x, y, "o", color="tab:blue", fillstyle="none" if other_task else "full")
+        axes.annotate(f"{name}, {epochs} epoch{'s' if epochs != 1 else ''}"
+                      + (f"\n({OTHER_DATA_SETS[name]})" if other_task else ""), (x, y),
                       xytext=(5, 5), textcoords="offset points", fontsize=9)
     axes.set_xscale("log")
     if points:
