@@ -1226,7 +1226,9 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
     A non-finite loss raises `FloatingPointError` naming the epoch and batch (the checkpoints
     stay); Ctrl-C (KeyboardInterrupt) stops and returns the history so far.
     Loaders must yield batches on the model's device (see `DeviceLoader`); they are not changed,
-    and the model ends in the usual memory layout, whatever layout training used.
+    and the model ends in the usual memory layout, whatever layout training used. A training
+    loader with a `set_epoch(epoch)` method (as PyTorch's samplers have) is told each epoch's
+    number before it is iterated, on a resumed run too.
     """
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
@@ -1273,6 +1275,8 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
         for epoch in range(len(history) + 1, num_epochs + 1):
             start = time.perf_counter()
             lr = _current_lr(optimizer)
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
             train_loss, train_acc = _train_one_epoch(
                 step_model, train_loader, optimizer, criterion, scaler, amp, amp_dtype, device,
                 scheduler if scheduler_interval == "batch" else None,

@@ -63,6 +63,7 @@ NETWORKS = {
     "LeNet5": ("LeNet5.ipynb", "LeNet5", {"num_classes": 10}, 32),
     "VGG16": ("VGG16.ipynb", "VGG16", {"num_classes": 10}, 32),
     "ResNet": ("ResNet.ipynb", "ResNet", {"depth": 20, "num_classes": 10}, 32),
+    "Speedrun": ("Speedrun.ipynb", "SpeedNet", {"widths": (32, 128, 128), "num_classes": 10}, 32),
 }
 SMALL_INPUT = 64                # input side up to which a network counts as small (CIFAR-10's 32 px)
 CL_BATCH_SIZE = (128, 16)       # channels_last batch size: small networks, larger ones (< 10 images/s here)

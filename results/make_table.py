@@ -41,7 +41,7 @@ FIGURE = "comparison.png"               # in RESULTS, written with the tables
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMPARISON_START, COMPARISON_END = "<!-- comparison:start -->", "<!-- comparison:end -->"
 OTHER_DATA_SETS = {"AlexNet-Flowers": "flower_photos, 5 classes"}   # every other notebook: CIFAR-10
-NOTEBOOK_ORDER = ["CustomCNN", "LeNet5", "AlexNet-32", "AlexNet-227", "ZFNet", "VGG16", "ResNet", "AlexNet-Flowers"]
+NOTEBOOK_ORDER = ["CustomCNN", "LeNet5", "AlexNet-32", "AlexNet-227", "ZFNet", "VGG16", "ResNet", "Speedrun", "AlexNet-Flowers"]
 HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test accuracy (once) "
           "| seconds per epoch | hardware | date |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -17,6 +17,7 @@ from tests import fakedata
 QUICK_SETTINGS = {
     "EPOCHS": "1",     # epochs per notebook
     "SUBSET": "200",   # images per split at most
+    "RUN_ABLATION": "1",   # Speedrun.ipynb: run section 10's ablation (one epoch per row) instead of showing results/
 }
 
 

@@ -468,3 +468,32 @@ def test_any_iterable_of_batches_works_as_a_loader(loaders):
     train_batches, val_batches = list(loaders[0]), list(loaders[1])
     _, _, _, history = run((train_batches, val_batches), epochs=2)
     assert history.epoch == [1, 2] and history.info["train_images"] is None
+
+
+class EpochAware(Counting):
+    """A loader with `set_epoch`, like PyTorch's DistributedSampler: records what it was told."""
+    def __init__(self, loader):
+        super().__init__(loader)
+        self.told = []
+
+    def set_epoch(self, epoch):
+        self.told.append(epoch)
+
+
+def test_a_loader_with_set_epoch_is_told_each_epoch_before_it_is_iterated(loaders):
+    loader = EpochAware(loaders[0])
+    run((loader, loaders[1]), epochs=3)
+    assert loader.told == [1, 2, 3] and loader.passes == 3
+
+
+def test_a_resumed_run_tells_the_loader_the_epochs_it_continues_with(datasets, tmp_path):
+    files = utils.RunFiles(tmp_path, "net")
+    resume_run(datasets, files, epochs=3, interrupt_epoch=2)       # cut in epoch 2 of 3
+    utils.seed_everything(0)
+    model = ResumeNet()
+    optimizer, scheduler = sgd_step(model, 0.05)
+    train_loader, val_loader = make_loaders(datasets, batch_size=20)
+    loader = EpochAware(train_loader)
+    utils.train(model, loader, val_loader, 3, optimizer, nn.CrossEntropyLoss(), scheduler,
+                files=files, resume=True, progress=False, verbose=False)
+    assert loader.told == [2, 3]
