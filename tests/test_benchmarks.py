@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on generated data, so they cannot rot unnoticed;
 and the batch transform's speed-up (normalising before upscaling) changes no pixel."""
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -81,3 +82,22 @@ def test_batch_transform_equals_resizing_before_normalising():
     resized = F.interpolate(images.float() / 255, size=(227, 227), mode="bilinear", align_corners=False)
     reference = (resized - mean) / std
     assert torch.allclose(utils.BatchTransform(size=227)(images), reference, atol=1e-5)
+
+
+def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp_path, monkeypatch):
+    """Tiny timings, then the notebook itself for one epoch on generated data: the budget file
+    holds the reference epoch, the budgets as multiples of it, and the run's ratio to it."""
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    output = tmp_path / "budget.json"
+    measured = load_script("speedrun").main(["--reference-batches", "1", "--speedrun-batches", "1",
+                                             "--run-notebook", "--epochs", "1", "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(measured))
+    epoch_seconds = measured["customcnn"]["contiguous"]["epoch_seconds"]
+    assert epoch_seconds == pytest.approx(45_000 / measured["customcnn"]["contiguous"]["images_per_s"])
+    assert measured["budgets_seconds"] == {"90 %": pytest.approx(1.5 * epoch_seconds),
+                                           "94 %": pytest.approx(6 * epoch_seconds)}
+    assert set(measured["speednet"]) == {"notebook", "airbench94"}
+    assert all(0 < row["peak_share"] for row in measured["speednet"].values())
+    run = measured["run"]
+    assert run["epochs"] == 1 and 0 <= run["test_acc"] <= 1
+    assert run["customcnn_epochs"] == pytest.approx(run["total_seconds"] / epoch_seconds)

@@ -1,0 +1,157 @@
+"""Speedrun.ipynb's time budget and its training step, measured on this machine in one run.
+
+    DATA_DIR=/tmp/realdata .venv/bin/python benchmarks/speedrun.py --run-notebook
+    .venv/bin/python benchmarks/speedrun.py           # the step timings only: needs no data
+
+The course's speedrun targets are ratios, so that they mean the same on any machine: the
+notebook's wall-clock seconds (whitening + training with per-epoch validation + the TTA test
+evaluation, as the notebook records them in `history.info["total_seconds"]`) divided by the
+time one epoch of the article's CustomCNN recipe takes on the same machine. That epoch is timed
+here over `--reference-batches` training steps of batch 128 (the network loaded from
+`CustomCNN.ipynb`) and extrapolated to the 45,000 training images, in the article's memory
+layout (contiguous), which sets the targets (1.5 such epochs for 90 %, 6 for 94 %), and in
+channels_last, as `utils.train` runs the course's notebook on a CPU (faster, so a tighter
+reference), reported beside it.
+
+Beside it, the speedrun network's training step (batch 512) at the notebook's widths and at
+airbench94's, and the share of the machine's matrix-multiply peak (a float32 2048x2048 matmul,
+best of several) that the notebook's step reaches, counting a training step as 3 x 2 x the
+multiply-adds of a forward pass. `--run-notebook` then executes the notebook with `--epochs`
+on `DATA_DIR` and writes everything to results/Speedrun-budget.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+import torchinfo
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+from benchmarks import train_loop  # noqa: E402
+
+TRAIN_IMAGES = 45_000             # one epoch of the course's training split
+REFERENCE_BATCH_SIZE = 128        # CustomCNN.ipynb's BATCH_SIZE
+SPEEDRUN_BATCH_SIZE = 512         # Speedrun.ipynb's BATCH_SIZE
+WIDTHS = {"notebook": (32, 128, 128), "airbench94": (64, 256, 256)}
+TARGETS = {"90 %": 1.5, "94 %": 6.0}   # budget in CustomCNN epochs
+MATMUL_SIZE = 2048                # side of the square float32 matrices of the peak measurement
+RESULT = utils.REPO_DIR / "results" / "Speedrun-budget.json"
+
+
+def step_images_per_s(model: torch.nn.Module, batch_size: int, batches: int, warmup: int = 2,
+                      memory_format=torch.channels_last) -> float:
+    """Training images/s (forward, loss, backward, SGD step) on random input."""
+    model = model.to(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(batch_size, 3, 32, 32, generator=generator),
+             torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(min(batches, 8))]
+    train_loop.training_steps(model, data[:warmup], memory_format)
+    timed = [data[i % len(data)] for i in range(batches)]
+    seconds, _ = train_loop.training_steps(model, timed, memory_format)
+    return batch_size * batches / seconds
+
+
+def matmul_peak_flops(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+    """Float32 FLOP/s of the fastest of `repeats` size x size matrix products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def forward_mult_adds(model: torch.nn.Module) -> int:
+    return torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0, device="cpu").total_mult_adds
+
+
+def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> dict:
+    reference = {}
+    for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        torch.manual_seed(0)
+        model = train_loop.notebook_network("CustomCNN.ipynb", "MyNet")(num_classes=10)
+        rate = step_images_per_s(model, REFERENCE_BATCH_SIZE, reference_batches, memory_format=memory_format)
+        reference[layout] = {"images_per_s": rate, "epoch_seconds": TRAIN_IMAGES / rate}
+        log(f"CustomCNN, {layout}: {rate:.1f} training images/s over {reference_batches} batches of "
+            f"{REFERENCE_BATCH_SIZE}: one epoch of {TRAIN_IMAGES:,} images = {TRAIN_IMAGES / rate:.0f} s")
+    epoch_seconds = reference["contiguous"]["epoch_seconds"]      # the article's recipe: the targets' unit
+    peak = matmul_peak_flops()
+    log(f"float32 matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE}): {peak / 1e9:.1f} GFLOP/s")
+    speed_net = train_loop.notebook_network("Speedrun.ipynb", "SpeedNet")
+    networks = {}
+    for label, widths in WIDTHS.items():
+        torch.manual_seed(0)
+        model = speed_net(widths=widths, num_classes=10)
+        rate = step_images_per_s(model, SPEEDRUN_BATCH_SIZE, speedrun_batches)
+        mult_adds = forward_mult_adds(model)
+        share = rate * 6 * mult_adds / peak
+        networks[label] = {"widths": list(widths), "images_per_s": rate, "mult_adds": mult_adds,
+                           "peak_share": share}
+        log(f"SpeedNet {widths}: {rate:.1f} training images/s (batch {SPEEDRUN_BATCH_SIZE}), "
+            f"{mult_adds / 1e6:.0f} M multiply-adds, {share:.1%} of the matmul peak")
+    return {"customcnn": {"batches": reference_batches, "batch_size": REFERENCE_BATCH_SIZE,
+                          "epoch_seconds": epoch_seconds, **reference},
+            "matmul_peak_gflops": peak / 1e9, "speednet": networks,
+            "budgets_seconds": {target: epochs * epoch_seconds for target, epochs in TARGETS.items()}}
+
+
+def run_notebook(epochs: int, data_dir: pathlib.Path, log=print) -> dict:
+    """Execute Speedrun.ipynb on `data_dir` in a scratch folder; the history it recorded."""
+    with tempfile.TemporaryDirectory(prefix="speedrun-") as scratch:
+        scratch = pathlib.Path(scratch)
+        env = {**os.environ, "EPOCHS": str(epochs), "SUBSET": "0", "DATA_DIR": str(data_dir),
+               "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs"), "RUN_ABLATION": "0"}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+                        "--ExecutePreprocessor.timeout=-1", "--output-dir", str(scratch),
+                        str(utils.REPO_DIR / "notebooks" / "Speedrun.ipynb")], env=env, check=True)
+        log(f"notebook executed in {time.perf_counter() - start:.0f} s (kernel start and every cell)")
+        history = json.loads((scratch / "model" / "Speedrun_history.json").read_text())
+    return history
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference-batches", type=int, default=200, help="CustomCNN batches timed")
+    parser.add_argument("--speedrun-batches", type=int, default=40, help="SpeedNet batches timed per width")
+    parser.add_argument("--run-notebook", action="store_true", help="then execute Speedrun.ipynb on DATA_DIR")
+    parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
+    parser.add_argument("--output", type=pathlib.Path, default=RESULT)
+    args = parser.parse_args(argv)
+    measured = {"machine": utils._hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "load_average": round(os.getloadavg()[0], 1),
+                **measure_steps(args.reference_batches, args.speedrun_batches)}
+    if args.run_notebook:
+        data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
+        history = run_notebook(args.epochs, data_dir)
+        total = history["info"]["total_seconds"]
+        ratio = total / measured["customcnn"]["epoch_seconds"]
+        ratio_channels_last = total / measured["customcnn"]["channels_last"]["epoch_seconds"]
+        measured["run"] = {"epochs": len(history["epoch"]), "test_acc": history["test_acc"],
+                           "val_acc": max(history["val_acc"]), "val_acc_tta": history["info"]["val_acc_tta"],
+                           "total_seconds": total, "customcnn_epochs": ratio,
+                           "customcnn_channels_last_epochs": ratio_channels_last,
+                           "load_average_after": round(os.getloadavg()[0], 1)}
+        print(f"Speedrun, {args.epochs} epochs: test accuracy {history['test_acc']:.2%} in {total:.0f} s "
+              f"= {ratio:.2f} CustomCNN epochs on this machine ({ratio_channels_last:.2f} in channels_last)")
+        args.output.write_text(json.dumps(measured, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    return measured
+
+
+if __name__ == "__main__":
+    main()
