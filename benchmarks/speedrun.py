@@ -108,10 +108,11 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
             "budgets_seconds": {target: epochs * epoch_seconds for target, epochs in TARGETS.items()}}
 
 
-def run_notebook(epochs: int, data_dir: pathlib.Path, log=print) -> dict:
-    """Execute Speedrun.ipynb on `data_dir` in a scratch folder; the history it recorded."""
+def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None, log=print) -> dict:
+    """Execute Speedrun.ipynb on `data_dir`; the history it recorded. The executed notebook and
+    its model folder are kept in `work_dir` when given, else in a scratch folder that is removed."""
     with tempfile.TemporaryDirectory(prefix="speedrun-") as scratch:
-        scratch = pathlib.Path(scratch)
+        scratch = pathlib.Path(work_dir or scratch)
         env = {**os.environ, "EPOCHS": str(epochs), "SUBSET": "0", "DATA_DIR": str(data_dir),
                "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs"), "RUN_ABLATION": "0"}
         start = time.perf_counter()
@@ -125,11 +126,12 @@ def run_notebook(epochs: int, data_dir: pathlib.Path, log=print) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference-batches", type=int, default=200, help="CustomCNN batches timed")
-    parser.add_argument("--speedrun-batches", type=int, default=40, help="SpeedNet batches timed per width")
+    parser.add_argument("--reference-batches", type=int, default=100, help="CustomCNN batches timed per layout")
+    parser.add_argument("--speedrun-batches", type=int, default=20, help="SpeedNet batches timed per width")
     parser.add_argument("--run-notebook", action="store_true", help="then execute Speedrun.ipynb on DATA_DIR")
     parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
     parser.add_argument("--output", type=pathlib.Path, default=RESULT)
+    parser.add_argument("--work-dir", type=pathlib.Path, help="keep the executed notebook and its model folder here")
     args = parser.parse_args(argv)
     measured = {"machine": utils._hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -137,7 +139,7 @@ def main(argv=None) -> dict:
                 **measure_steps(args.reference_batches, args.speedrun_batches)}
     if args.run_notebook:
         data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
-        history = run_notebook(args.epochs, data_dir)
+        history = run_notebook(args.epochs, data_dir, args.work_dir)
         total = history["info"]["total_seconds"]
         ratio = total / measured["customcnn"]["epoch_seconds"]
         ratio_channels_last = total / measured["customcnn"]["channels_last"]["epoch_seconds"]
