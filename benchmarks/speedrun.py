@@ -32,11 +32,11 @@ import time
 from datetime import datetime, timezone
 
 import torch
-import torchinfo
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from benchmarks import train_loop  # noqa: E402
+from results.make_table import mult_adds  # noqa: E402
 
 TRAIN_IMAGES = 45_000             # one epoch of the course's training split
 REFERENCE_BATCH_SIZE = 128        # CustomCNN.ipynb's BATCH_SIZE
@@ -74,10 +74,6 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
-def forward_mult_adds(model: torch.nn.Module) -> int:
-    return torchinfo.summary(model, input_size=(1, 3, 32, 32), verbose=0, device="cpu").total_mult_adds
-
-
 def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> dict:
     reference = {}
     for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
@@ -96,12 +92,12 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
         torch.manual_seed(0)
         model = speed_net(widths=widths, num_classes=10)
         rate = step_images_per_s(model, SPEEDRUN_BATCH_SIZE, speedrun_batches)
-        mult_adds = forward_mult_adds(model)
-        share = rate * 6 * mult_adds / peak
-        networks[label] = {"widths": list(widths), "images_per_s": rate, "mult_adds": mult_adds,
+        forward = mult_adds(model, 32)
+        share = rate * 6 * forward / peak
+        networks[label] = {"widths": list(widths), "images_per_s": rate, "mult_adds": forward,
                            "peak_share": share}
         log(f"SpeedNet {widths}: {rate:.1f} training images/s (batch {SPEEDRUN_BATCH_SIZE}), "
-            f"{mult_adds / 1e6:.0f} M multiply-adds, {share:.1%} of the matmul peak")
+            f"{forward / 1e6:.0f} M multiply-adds, {share:.1%} of the matmul peak")
     return {"customcnn": {"batches": reference_batches, "batch_size": REFERENCE_BATCH_SIZE,
                           "epoch_seconds": epoch_seconds, **reference},
             "matmul_peak_gflops": peak / 1e9, "speednet": networks,
