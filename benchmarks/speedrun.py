@@ -47,19 +47,6 @@ MATMUL_SIZE = 2048                # side of the square float32 matrices of the p
 RESULT = utils.REPO_DIR / "results" / "Speedrun-budget.json"
 
 
-def step_images_per_s(model: torch.nn.Module, batch_size: int, batches: int, warmup: int = 2,
-                      memory_format=torch.channels_last) -> float:
-    """Training images/s (forward, loss, backward, SGD step) on random input."""
-    model = model.to(memory_format=memory_format)
-    generator = torch.Generator().manual_seed(0)
-    data = [(torch.randn(batch_size, 3, 32, 32, generator=generator),
-             torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(min(batches, 8))]
-    train_loop.training_steps(model, data[:warmup], memory_format)
-    timed = [data[i % len(data)] for i in range(batches)]
-    seconds, _ = train_loop.training_steps(model, timed, memory_format)
-    return batch_size * batches / seconds
-
-
 def matmul_peak_flops(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
     """Float32 FLOP/s of the fastest of `repeats` size x size matrix products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -79,7 +66,8 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
     for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
         torch.manual_seed(0)
         model = train_loop.notebook_network("CustomCNN.ipynb", "MyNet")(num_classes=10)
-        rate = step_images_per_s(model, REFERENCE_BATCH_SIZE, reference_batches, memory_format=memory_format)
+        batches = train_loop.random_batches(reference_batches, REFERENCE_BATCH_SIZE, 32, 10)
+        rate = train_loop.training_images_per_s(model, batches, memory_format, warmup=2)
         reference[layout] = {"images_per_s": rate, "epoch_seconds": TRAIN_IMAGES / rate}
         log(f"CustomCNN, {layout}: {rate:.1f} training images/s over {reference_batches} batches of "
             f"{REFERENCE_BATCH_SIZE}: one epoch of {TRAIN_IMAGES:,} images = {TRAIN_IMAGES / rate:.0f} s")
@@ -91,7 +79,8 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
     for label, widths in WIDTHS.items():
         torch.manual_seed(0)
         model = speed_net(widths=widths, num_classes=10)
-        rate = step_images_per_s(model, SPEEDRUN_BATCH_SIZE, speedrun_batches)
+        batches = train_loop.random_batches(speedrun_batches, SPEEDRUN_BATCH_SIZE, 32, 10)
+        rate = train_loop.training_images_per_s(model, batches, warmup=2)
         forward = mult_adds(model, 32)
         share = rate * 6 * forward / peak
         networks[label] = {"widths": list(widths), "images_per_s": rate, "mult_adds": forward,

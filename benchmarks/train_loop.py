@@ -205,6 +205,27 @@ def training_steps(model, batches, memory_format) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
+def random_batches(count: int, batch_size: int, size: int, num_classes: int) -> list:
+    """`count` (images, labels) batches of random 3 x size x size input, the same on every call."""
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch_size, 3, size, size, generator=generator),
+             torch.randint(0, num_classes, (batch_size,), generator=generator)) for _ in range(count)]
+
+
+def training_images_per_s(model, batches, memory_format=torch.channels_last, rounds: int = 1,
+                          warmup: int = CL_WARMUP) -> float:
+    """Training images/s of `model` in `memory_format`: `warmup` untimed steps, then `rounds` timed
+    passes over `batches`, each from the same initial weights; images/s of the median pass."""
+    model = model.to(memory_format=memory_format)
+    initial_state = copy.deepcopy(model.state_dict())
+    training_steps(model, batches[:warmup], memory_format)
+    seconds = []
+    for _ in range(rounds):
+        model.load_state_dict(initial_state)                       # copy_ keeps channels_last strides
+        seconds.append(training_steps(model, batches, memory_format)[0])
+    return len(batches) * len(batches[0][1]) / statistics.median(seconds)
+
+
 def measure_channels_last(networks, rounds: int, batch_size: int | None = None, steps: int | None = None,
                           warmup: int = CL_WARMUP, log=print) -> dict:
     """For each named network of `NETWORKS`: training images/s in the contiguous format and in
@@ -222,12 +243,9 @@ def measure_channels_last(networks, rounds: int, batch_size: int | None = None, 
         initial_state = copy.deepcopy(model.state_dict())
         models = {"contiguous": model,
                   "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}
-        generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             num_classes = model.eval()(torch.zeros(1, 3, size, size)).shape[1]
-        batches = [(torch.randn(batch, 3, size, size, generator=generator),
-                    torch.randint(0, num_classes, (batch,), generator=generator))
-                   for _ in range(max(count, warmup))]
+        batches = random_batches(max(count, warmup), batch, size, num_classes)
         for side, memory_format in formats.items():                 # warm-up: allocator, first-call costs
             training_steps(models[side], batches[:warmup], memory_format)
         wall, cpu = {side: [] for side in formats}, {side: [] for side in formats}

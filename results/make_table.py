@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import shutil
-import statistics
 import sys
 from datetime import datetime, timezone
 
@@ -100,25 +99,6 @@ def mult_adds(model: torch.nn.Module, size: int) -> int:
     return torchinfo.summary(model, input_size=(1, 3, size, size), verbose=0, device="cpu").total_mult_adds
 
 
-def training_images_per_s(model: torch.nn.Module, size: int, num_classes: int, batch_size: int,
-                          steps: int, rounds: int, warmup: int) -> float:
-    """Training images/s on the CPU as `utils.train` trains there (channels_last): train_loop's
-    training step on random input, `warmup` untimed steps, then `rounds` rounds of `steps` steps
-    from the same initial weights; images/s of the median round."""
-    model = model.to(memory_format=torch.channels_last)
-    initial_state = {key: value.clone() for key, value in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(batch_size, 3, size, size, generator=generator),
-                torch.randint(0, num_classes, (batch_size,), generator=generator))
-               for _ in range(max(steps, warmup))]
-    train_loop.training_steps(model, batches[:warmup], torch.channels_last)
-    seconds = []
-    for _ in range(rounds):
-        model.load_state_dict(initial_state)                   # copy_ keeps channels_last strides
-        seconds.append(train_loop.training_steps(model, batches[:steps], torch.channels_last)[0])
-    return batch_size * steps / statistics.median(seconds)
-
-
 def measure_network(name: str, batch_size: int | None, steps: int | None, rounds: int, warmup: int) -> dict:
     notebook, class_name, kwargs, size = train_loop.NETWORKS[name]
     small = size <= train_loop.SMALL_INPUT
@@ -128,8 +108,8 @@ def measure_network(name: str, batch_size: int | None, steps: int | None, rounds
     model = train_loop.notebook_network(notebook, class_name)(**kwargs)
     row = {"parameters": utils.count_parameters(model), "mult_adds": mult_adds(model, size),
            "input_size": size, "batch_size": batch_size, "steps": steps}
-    row["images_per_s"] = training_images_per_s(model, size, kwargs["num_classes"], batch_size,
-                                                steps, rounds, warmup)
+    batches = train_loop.random_batches(steps, batch_size, size, kwargs["num_classes"])
+    row["images_per_s"] = train_loop.training_images_per_s(model, batches, rounds=rounds, warmup=warmup)
     print(f"{name}: {row['parameters']:,} parameters, {row['mult_adds']:,} multiply-adds per image, "
           f"{row['images_per_s']:,.1f} training images/s (batch {batch_size} x {steps} steps)")
     return row

@@ -3,6 +3,7 @@ and the batch transform's speed-up (normalising before upscaling) changes no pix
 import importlib.util
 import json
 import pathlib
+import time
 
 import pytest
 import torch
@@ -54,6 +55,28 @@ def test_notebook_network_loads_the_class_the_notebook_defines():
     assert isinstance(network, torch.nn.Module)
     with torch.no_grad():
         assert network.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class SlowNet(torch.nn.Module):
+    """A linear classifier whose every forward pass takes at least `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.fc(x.flatten(1))
+
+
+def test_training_images_per_s_counts_the_images_of_every_timed_step():
+    train_loop = load_script("train_loop")
+    batches = train_loop.random_batches(3, 4, 8, 10)
+    assert [(images.shape, labels.shape) for images, labels in batches] == [((4, 3, 8, 8), (4,))] * 3
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], train_loop.random_batches(1, 4, 8, 10)[0]))
+    rate = train_loop.training_images_per_s(SlowNet(0.02), batches, rounds=2)
+    assert 12 / (3 * 0.02) / 4 < rate <= 12 / (3 * 0.02)      # 12 images, 3 steps of at least 20 ms
 
 
 def test_channels_last_benchmark_measures_both_formats(capsys):
