@@ -169,23 +169,30 @@ def is_definition(node: ast.stmt) -> bool:
     return False
 
 
-def notebook_network(notebook: str | pathlib.Path, class_name: str) -> type[nn.Module]:
-    """The `nn.Module` subclass `class_name` as `notebook` defines it: the definitions of each code
-    cell that defines a `class ...(nn.Module)`, run in order in a namespace holding torch, nn, F,
-    math and collections; the cells' other statements (instantiation, printing) are left out."""
+def notebook_namespace(notebook: str | pathlib.Path, cell_filter=None) -> dict:
+    """The definitions (classes, functions, imports, names bound to literals) of `notebook`'s code
+    cells, run in order in a namespace holding torch, nn, F, math and collections. `cell_filter`
+    (a function of a cell's source) picks the cells, all by default; each cell's other statements
+    (instantiation, training, printing) are left out."""
     path = pathlib.Path(notebook) if pathlib.Path(notebook).is_absolute() else NOTEBOOK_DIR / notebook
     namespace = dict(NOTEBOOK_GLOBALS)
     for index, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
         source = "".join(cell["source"])
-        if cell["cell_type"] != "code" or not MODULE_CLASS.search(source):
+        if cell["cell_type"] != "code" or (cell_filter and not cell_filter(source)):
             continue
-        source = re.sub(r"^(\s*)([%!])", r"\1# \2", source, flags=re.MULTILINE)   # IPython magics
+        source = re.sub(r"^(\s*)([%!])", r"\1pass  # \2", source, flags=re.MULTILINE)   # IPython magics
         tree = ast.parse(source, filename=f"{path.name} cell {index}")
         tree.body = [node for node in tree.body if is_definition(node)]
         exec(compile(tree, f"{path.name} cell {index}", "exec"), namespace)
-    network = namespace.get(class_name)
+    return namespace
+
+
+def notebook_network(notebook: str | pathlib.Path, class_name: str) -> type[nn.Module]:
+    """The `nn.Module` subclass `class_name` as `notebook` defines it: the definitions of each code
+    cell that defines a `class ...(nn.Module)` (`notebook_namespace`)."""
+    network = notebook_namespace(notebook, MODULE_CLASS.search).get(class_name)
     if not (isinstance(network, type) and issubclass(network, nn.Module)):
-        raise LookupError(f"{path.name} defines no nn.Module named {class_name}")
+        raise LookupError(f"{pathlib.Path(notebook).name} defines no nn.Module named {class_name}")
     return network
 
 

@@ -1,0 +1,150 @@
+"""Speedrun.ipynb's pieces, loaded from the notebook itself and checked against what they promise:
+whitening decorrelates patches, flips alternate, shifts stay within their range, Lookahead
+resumes exactly, the BatchNorm shifts get their own step size, and TTA averages the right views."""
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import train_loop
+
+SPEEDRUN = train_loop.notebook_namespace("Speedrun.ipynb")
+
+
+def uint8_images(count: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, 32, 32), generator=generator, dtype=torch.uint8)
+
+
+def test_whitening_makes_the_patch_features_uncorrelated_with_unit_variance():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 3, 33, 33, generator=generator)
+    images = noise[..., 1:, 1:] + noise[..., :-1, :-1] + 0.5 * noise[:, [1, 2, 0], 1:, 1:]   # correlated pixels
+    conv = torch.nn.Conv2d(3, 24, kernel_size=2)
+    SPEEDRUN["whiten_from_data"](conv, images)
+    with torch.no_grad():
+        features = conv(images).permute(0, 2, 3, 1).reshape(-1, 24)          # one row per 2x2 patch
+    features = features - features.mean(0)
+    covariance = features[:, :12].T @ features[:, :12] / len(features)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.02)
+    assert torch.allclose(features[:, 12:], -features[:, :12], atol=1e-5)   # the negated copies
+    assert not conv.weight.requires_grad and conv.bias.requires_grad
+
+
+def loader_over(images: torch.Tensor, **options):
+    dataset = types.SimpleNamespace(images=images, labels=torch.arange(len(images)))
+    return SPEEDRUN["BatchAugmentLoader"](dataset, 4, "cpu", torch.nn.Identity(), seed=0, **options)
+
+
+def epoch_views(loader, epoch: int) -> torch.Tensor:
+    """Every image as the loader served it in `epoch`, put back in data-set order."""
+    loader.set_epoch(epoch)
+    views = torch.empty_like(loader.images)
+    for batch, labels in loader:
+        views[labels] = batch
+    return views
+
+
+def test_alternating_flips_show_each_image_the_other_way_round_in_the_next_epoch():
+    images = uint8_images(10)
+    loader = loader_over(images, translate=0, alternate_flips=True)
+    first, second, third = (epoch_views(loader, epoch) for epoch in (1, 2, 3))
+    assert torch.equal(second, first.flip(3)) and torch.equal(third, first)
+    mirrored = [torch.equal(view, image.flip(2)) for view, image in zip(first, images)]
+    assert 0 < sum(mirrored) < len(images)                       # a random orientation to begin with
+
+
+def test_random_flips_do_not_alternate():
+    loader = loader_over(uint8_images(32), translate=0, alternate_flips=False)
+    first, second = epoch_views(loader, 1), epoch_views(loader, 2)
+    assert not torch.equal(second, first.flip(3))
+
+
+@pytest.mark.parametrize("pixels", [0, 1, 2])
+def test_each_image_is_shifted_by_at_most_the_given_pixels_with_reflected_borders(pixels):
+    images = uint8_images(16).float()
+    shifted = SPEEDRUN["shift_batch"](images, pixels, torch.Generator().manual_seed(1))
+    padded = F.pad(images, (2,) * 4, mode="reflect")
+    offsets = []
+    for image, padded_image, result in zip(images, padded, shifted):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(result, padded_image[:, 2 + dy:34 + dy, 2 + dx:34 + dx])]
+        assert matches and max(max(abs(dy), abs(dx)) for dy, dx in matches) <= pixels
+        offsets.append(matches[0])
+    assert (len(set(offsets)) > 1) == (pixels > 0)                # each image draws its own offset
+
+
+def lookahead_run(model, optimizer, steps: int, data) -> None:
+    for images, labels in data[:steps]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+def test_lookahead_keeps_its_slow_weights_in_the_optimizer_state_and_resumes_exactly():
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(12)]
+    make = lambda model: SPEEDRUN["LookaheadSGD"](model.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
+                                                    lookahead_every=3, total_steps=12)
+    model = torch.nn.Linear(6, 3)
+    optimizer = make(model)
+    lookahead_run(model, optimizer, 6, data)
+    for weight in model.parameters():
+        assert torch.equal(optimizer.state[weight]["slow"], weight)   # step 6: weights reset to the slow copy
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    lookahead_run(model, optimizer, 12, data[6:] * 2)
+
+    resumed = torch.nn.Linear(6, 3)
+    resumed_optimizer = make(resumed)
+    resumed.load_state_dict(saved[0])
+    resumed_optimizer.load_state_dict(saved[1])
+    lookahead_run(resumed, resumed_optimizer, 12, data[6:] * 2)
+    for weight, resumed_weight in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(weight, resumed_weight)
+
+
+def test_lookahead_off_is_plain_nesterov_sgd():
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(5)]
+    model, reference = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    reference.load_state_dict(model.state_dict())
+    lookahead_run(model, SPEEDRUN["LookaheadSGD"](model.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
+                                                  lookahead_every=0, total_steps=5), 5, data)
+    lookahead_run(reference, torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
+                                             nesterov=True), 5, data)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_batchnorm_shifts_take_larger_steps_with_the_same_decay_per_step():
+    net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10)
+    optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5, bias_lr_scale=64)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    weights, shifts = optimizer.param_groups
+    assert {id(p) for p in shifts["params"]} == {id(m.bias) for m in norms}
+    assert all(not m.weight.requires_grad for m in norms)
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in net.parameters())
+    assert shifts["lr"] == pytest.approx(64 * weights["lr"])
+    assert shifts["lr"] * shifts["weight_decay"] == pytest.approx(weights["lr"] * weights["weight_decay"])
+
+
+def test_without_shift_only_norm_the_batchnorm_scales_learn():
+    net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10, shift_only_norm=False)
+    assert all(m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_tta_averages_the_image_and_its_mirror_and_is_the_network_in_training():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    images = torch.randn(4, 3, 32, 32)
+    tta = SPEEDRUN["TTA"]
+    with torch.no_grad():
+        assert torch.equal(tta(net, 0).eval()(images), net(images))
+        assert torch.allclose(tta(net, 1).eval()(images), (net(images) + net(images.flip(3))) / 2)
+        assert torch.equal(tta(net, 2).train()(images), net(images))
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        views = [images, padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        mirrored = [(net(v) + net(v.flip(3))) / 2 for v in views]
+        assert torch.allclose(tta(net, 2).eval()(images), mirrored[0] / 2 + mirrored[1] / 4 + mirrored[2] / 4)
