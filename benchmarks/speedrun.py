@@ -16,8 +16,10 @@ reference), reported beside it.
 Beside it, the speedrun network's training step (batch 512) at the notebook's widths and at
 airbench94's, and the share of the machine's matrix-multiply peak (a float32 2048x2048 matmul,
 best of several) that the notebook's step reaches, counting a training step as 3 x 2 x the
-multiply-adds of a forward pass. `--run-notebook` then executes the notebook with `--epochs`
-on `DATA_DIR` and writes everything to results/Speedrun-budget.json.
+multiply-adds of a forward pass; with `--compile`, the same step under `torch.compile` (the
+compilation's seconds and the speed ratio), which tells whether the notebook's COMPILE pays
+here. `--run-notebook` then executes the notebook with `--epochs` on `DATA_DIR` and writes
+everything to results/Speedrun-budget.json.
 """
 from __future__ import annotations
 
@@ -93,6 +95,25 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
             "budgets_seconds": {target: epochs * epoch_seconds for target, epochs in TARGETS.items()}}
 
 
+def compile_speedup(batches: int, backend: str = "inductor", log=print) -> dict:
+    """SpeedNet's training step at the notebook's widths under `torch.compile(backend=...)` against
+    the plain step: the seconds of the first two compiled steps (the compilation) and the ratio of
+    the steady-state images/s, compiled / plain."""
+    speed_net = train_loop.notebook_network("Speedrun.ipynb", "SpeedNet")
+    data = train_loop.random_batches(batches, SPEEDRUN_BATCH_SIZE, 32, 10)
+    torch.manual_seed(0)
+    plain_rate = train_loop.training_images_per_s(speed_net(widths=WIDTHS["notebook"]), data, warmup=2)
+    torch.manual_seed(0)
+    compiled = torch.compile(speed_net(widths=WIDTHS["notebook"]).to(memory_format=torch.channels_last),
+                             backend=backend)
+    compile_seconds, _ = train_loop.training_steps(compiled, data[:2], torch.channels_last)
+    compiled_rate = train_loop.training_images_per_s(compiled, data, warmup=0)
+    log(f"torch.compile ({backend}): first two steps {compile_seconds:.1f} s, then {compiled_rate:.1f} images/s "
+        f"against {plain_rate:.1f} plain: {compiled_rate / plain_rate:.2f}x")
+    return {"backend": backend, "compile_seconds": compile_seconds, "images_per_s": compiled_rate,
+            "plain_images_per_s": plain_rate, "ratio": compiled_rate / plain_rate}
+
+
 def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None, log=print) -> dict:
     """Execute Speedrun.ipynb on `data_dir`; the history it recorded. The executed notebook and
     its model folder are kept in `work_dir` when given, else in a scratch folder that is removed."""
@@ -117,11 +138,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
     parser.add_argument("--output", type=pathlib.Path, default=RESULT)
     parser.add_argument("--work-dir", type=pathlib.Path, help="keep the executed notebook and its model folder here")
+    parser.add_argument("--compile", action="store_true", help="also time SpeedNet's step under torch.compile")
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)   # the tests use "eager"
     args = parser.parse_args(argv)
     measured = {"machine": utils._hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "load_average": round(os.getloadavg()[0], 1),
                 **measure_steps(args.reference_batches, args.speedrun_batches)}
+    if args.compile:
+        measured["compile"] = compile_speedup(args.speedrun_batches, args.compile_backend)
     if args.run_notebook:
         data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
         history = run_notebook(args.epochs, data_dir, args.work_dir)

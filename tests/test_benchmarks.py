@@ -124,3 +124,12 @@ def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp
     run = measured["run"]
     assert run["epochs"] == 1 and 0 <= run["test_acc"] <= 1
     assert run["customcnn_epochs"] == pytest.approx(run["total_seconds"] / epoch_seconds)
+
+
+def test_speedrun_compile_timing_compares_the_compiled_step_with_the_plain_one(capsys):
+    """With the "eager" backend (no code generation, so the test takes seconds) the compiled step
+    runs the same arithmetic as the plain one: the measurement's structure, not the compiler."""
+    compiled = load_script("speedrun").compile_speedup(batches=2, backend="eager")
+    assert compiled["backend"] == "eager" and compiled["compile_seconds"] > 0
+    assert compiled["ratio"] == pytest.approx(compiled["images_per_s"] / compiled["plain_images_per_s"])
+    assert "torch.compile (eager)" in capsys.readouterr().out
