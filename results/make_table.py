@@ -19,6 +19,7 @@ whatever is not measured says so.
 """
 import argparse
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -202,9 +203,12 @@ def write_figure(path: pathlib.Path | None = None) -> pathlib.Path:
     for name, (x, y, epochs) in points.items():
         other_task = name in OTHER_DATA_SETS                 # not CIFAR-10: another task, a hollow marker
         axes.plot(x, y, "o", color="tab:blue", fillstyle="none" if other_task else "full")
+        below = any(0 < other_y - y < 4 and abs(math.log10(other_x / x)) < 0.5     # a close point above:
+                    for other, (other_x, other_y, _) in points.items() if other != name)   # its label has the top
         axes.annotate(f"{name}, {epochs} epoch{'s' if epochs != 1 else ''}"
                       + (f"\n({OTHER_DATA_SETS[name]})" if other_task else ""), (x, y),
-                      xytext=(5, 5), textcoords="offset points", fontsize=9)
+                      xytext=(5, -5 if below else 5), textcoords="offset points", fontsize=9,
+                      va="top" if below else "baseline")
     axes.set_xscale("log")
     if points:
         xs, ys = [x for x, _, _ in points.values()], [y for _, y, _ in points.values()]
