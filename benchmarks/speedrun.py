@@ -65,10 +65,10 @@ def _timed(function) -> float:
 
 def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> dict:
     reference = {}
+    batches = train_loop.random_batches(reference_batches, REFERENCE_BATCH_SIZE, 32, 10)
     for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
         torch.manual_seed(0)
         model = train_loop.notebook_network("CustomCNN.ipynb", "MyNet")(num_classes=10)
-        batches = train_loop.random_batches(reference_batches, REFERENCE_BATCH_SIZE, 32, 10)
         rate = train_loop.training_images_per_s(model, batches, memory_format, warmup=2)
         reference[layout] = {"images_per_s": rate, "epoch_seconds": TRAIN_IMAGES / rate}
         log(f"CustomCNN, {layout}: {rate:.1f} training images/s over {reference_batches} batches of "
@@ -78,10 +78,10 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
     log(f"float32 matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE}): {peak / 1e9:.1f} GFLOP/s")
     speed_net = train_loop.notebook_network("Speedrun.ipynb", "SpeedNet")
     networks = {}
+    batches = train_loop.random_batches(speedrun_batches, SPEEDRUN_BATCH_SIZE, 32, 10)
     for label, widths in WIDTHS.items():
         torch.manual_seed(0)
         model = speed_net(widths=widths, num_classes=10)
-        batches = train_loop.random_batches(speedrun_batches, SPEEDRUN_BATCH_SIZE, 32, 10)
         rate = train_loop.training_images_per_s(model, batches, warmup=2)
         forward = mult_adds(model, 32)
         share = rate * 6 * forward / peak
