@@ -119,20 +119,24 @@ def test_lookahead_off_is_plain_nesterov_sgd():
 
 def test_batchnorm_shifts_take_larger_steps_with_the_same_decay_per_step():
     net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10)
-    optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5, bias_lr_scale=64)
+    optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5)
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     weights, shifts = optimizer.param_groups
     assert {id(p) for p in shifts["params"]} == {id(m.bias) for m in norms}
     assert all(not m.weight.requires_grad for m in norms)
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in net.parameters())
+    assert SPEEDRUN["BIAS_LR_SCALE"] == 64
     assert shifts["lr"] == pytest.approx(64 * weights["lr"])
     assert shifts["lr"] * shifts["weight_decay"] == pytest.approx(weights["lr"] * weights["weight_decay"])
 
 
-def test_without_shift_only_norm_the_batchnorm_scales_learn():
+def test_without_shift_only_norm_the_batchnorm_scales_learn_at_the_common_step_size():
     net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10, shift_only_norm=False)
     assert all(m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5)
+    weights, shifts = optimizer.param_groups
+    assert shifts["lr"] == pytest.approx(weights["lr"])
 
 
 def test_tta_averages_the_image_and_its_mirror_and_is_the_network_in_training():
