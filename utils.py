@@ -1460,6 +1460,7 @@ def plot_history(history: History, save_path=None, title: str | None = None):
     """Loss, accuracy and learning rate per epoch, side by side, with the epoch the validation
     chose marked; saved as a PNG with `save_path`."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     epochs = history.epoch
@@ -1480,8 +1481,10 @@ def plot_history(history: History, save_path=None, title: str | None = None):
         ax.legend()
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
-        if epochs:
-            ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
+        else:   # whole epochs only, and no ticks (so no axis) beyond the data
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -111,3 +111,20 @@ def test_plot_history_draws_train_and_validation_and_marks_the_best_epoch(tmp_pa
     assert loss_lines == {"train": [2.0, 1.5, 1.0], "validation": [2.1, 1.7, 1.8]}
     assert (tmp_path / "plots" / "history.png").stat().st_size > 0
     plt.close(fig)
+
+
+@pytest.mark.parametrize("num_epochs", [3, 25, 90])
+def test_plot_history_axis_spans_the_epochs_with_whole_epoch_ticks(num_epochs):
+    epochs = list(range(1, num_epochs + 1))
+    history = utils.History(epoch=epochs, train_loss=[1.0] * num_epochs, train_acc=[0.5] * num_epochs,
+                            val_loss=[1.0] * num_epochs, val_acc=[0.5] * num_epochs, lr=[0.1] * num_epochs,
+                            seconds=[1.0] * num_epochs)
+    fig = utils.plot_history(history)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        margin = 0.05 * (num_epochs - 1) + 0.1      # matplotlib's own margin around the data
+        assert 1 - margin <= low <= 1 and num_epochs <= high <= num_epochs + margin
+        shown = [tick for tick in ax.get_xticks() if low <= tick <= high]
+        assert len(shown) >= 3 and all(float(tick).is_integer() for tick in shown)
+    plt.close(fig)
