@@ -105,6 +105,31 @@ def test_lookahead_keeps_its_slow_weights_in_the_optimizer_state_and_resumes_exa
         assert torch.equal(weight, resumed_weight)
 
 
+def test_lookahead_matches_a_hand_written_slow_copy():
+    """Every 3 steps: slow <- keep * slow + (1 - keep) * weights, weights <- slow, with
+    keep = 0.95**3 * (step / total_steps)**3; the slow copy starts as the weights at its first update."""
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(9)]
+    model, reference = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    reference.load_state_dict(model.state_dict())
+    lookahead_run(model, SPEEDRUN["LookaheadSGD"](model.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
+                                                  lookahead_every=3, total_steps=9), 9, data)
+
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3, nesterov=True)
+    slow = None
+    for step in range(1, 10):
+        lookahead_run(reference, sgd, 1, data[step - 1:])
+        if step % 3 == 0:
+            keep = 0.95 ** 3 * (step / 9) ** 3
+            with torch.no_grad():
+                slow = slow or [weight.clone() for weight in reference.parameters()]
+                for weight, slow_weight in zip(reference.parameters(), slow):
+                    slow_weight.mul_(keep).add_(weight, alpha=1 - keep)
+                    weight.copy_(slow_weight)
+    for weight, reference_weight in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(weight, reference_weight)
+
+
 def test_lookahead_off_is_plain_nesterov_sgd():
     torch.manual_seed(0)
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(5)]
