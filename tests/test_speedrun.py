@@ -76,6 +76,18 @@ def test_each_image_is_shifted_by_at_most_the_given_pixels_with_reflected_border
     assert (len(set(offsets)) > 1) == (pixels > 0)                # each image draws its own offset
 
 
+SGD_SETTINGS = dict(lr=0.5, momentum=0.85, weight_decay=1e-3)
+
+
+def twin_models_and_data(steps: int):
+    """Two Linear(6, 3) models with the same initial weights, and `steps` seeded batches."""
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(steps)]
+    model, reference = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    reference.load_state_dict(model.state_dict())
+    return model, reference, data
+
+
 def lookahead_run(model, optimizer, steps: int, data) -> None:
     for images, labels in data[:steps]:
         optimizer.zero_grad()
@@ -86,8 +98,7 @@ def lookahead_run(model, optimizer, steps: int, data) -> None:
 def test_lookahead_keeps_its_slow_weights_in_the_optimizer_state_and_resumes_exactly():
     torch.manual_seed(0)
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(12)]
-    make = lambda model: SPEEDRUN["LookaheadSGD"](model.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
-                                                    lookahead_every=3, total_steps=12)
+    make = lambda model: SPEEDRUN["LookaheadSGD"](model.parameters(), **SGD_SETTINGS, lookahead_every=3, total_steps=12)
     model = torch.nn.Linear(6, 3)
     optimizer = make(model)
     lookahead_run(model, optimizer, 6, data)
@@ -108,14 +119,11 @@ def test_lookahead_keeps_its_slow_weights_in_the_optimizer_state_and_resumes_exa
 def test_lookahead_matches_a_hand_written_slow_copy():
     """Every 3 steps: slow <- keep * slow + (1 - keep) * weights, weights <- slow, with
     keep = 0.95**3 * (step / total_steps)**3; the slow copy starts as the weights at its first update."""
-    torch.manual_seed(0)
-    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(9)]
-    model, reference = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
-    reference.load_state_dict(model.state_dict())
-    lookahead_run(model, SPEEDRUN["LookaheadSGD"](model.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
-                                                  lookahead_every=3, total_steps=9), 9, data)
+    model, reference, data = twin_models_and_data(9)
+    lookahead_run(model, SPEEDRUN["LookaheadSGD"](model.parameters(), **SGD_SETTINGS, lookahead_every=3, total_steps=9),
+                  9, data)
 
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3, nesterov=True)
+    sgd = torch.optim.SGD(reference.parameters(), **SGD_SETTINGS, nesterov=True)
     slow = None
     for step in range(1, 10):
         lookahead_run(reference, sgd, 1, data[step - 1:])
@@ -131,14 +139,10 @@ def test_lookahead_matches_a_hand_written_slow_copy():
 
 
 def test_lookahead_off_is_plain_nesterov_sgd():
-    torch.manual_seed(0)
-    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(5)]
-    model, reference = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
-    reference.load_state_dict(model.state_dict())
-    lookahead_run(model, SPEEDRUN["LookaheadSGD"](model.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
-                                                  lookahead_every=0, total_steps=5), 5, data)
-    lookahead_run(reference, torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.85, weight_decay=1e-3,
-                                             nesterov=True), 5, data)
+    model, reference, data = twin_models_and_data(5)
+    lookahead_run(model, SPEEDRUN["LookaheadSGD"](model.parameters(), **SGD_SETTINGS, lookahead_every=0, total_steps=5),
+                  5, data)
+    lookahead_run(reference, torch.optim.SGD(reference.parameters(), **SGD_SETTINGS, nesterov=True), 5, data)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
 
 
