@@ -1034,7 +1034,8 @@ def print_per_class_accuracy(matrix: torch.Tensor, classes) -> None:
 
 PER_BATCH_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 # channels_last by device type. On this course's 2-core CPU (torch 2.14) a training step ran
-# faster with it for every notebook's network: see README, "Performance".
+# faster with it for four of the five networks timed (AlexNet-227: 0.93, within the noise of
+# its rounds): see README, "Performance".
 CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": True}
 
 
