@@ -20,6 +20,7 @@ above its definition:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,8 +31,10 @@ import pickle
 import platform
 import random
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -219,8 +222,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" and array.max(initial=0) <= 1 else \
-            255.0 if array.max(initial=0) <= 255 else 65535.0
+        if image.mode.startswith("I;16"):
+            top = 65535.0                                     # the depth is known: dark stays dark
+        else:                                                 # "I" and "F" do not say their range
+            top = 1.0 if image.mode == "F" and array.max(initial=0) <= 1 else \
+                255.0 if array.max(initial=0) <= 255 else 65535.0
         array = np.clip(array / top * 255, 0, 255).round().astype(np.uint8)
         return Image.fromarray(array, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -403,6 +409,9 @@ def stratified_split(members_by_class: dict, fractions, seed: int) -> list[list]
     Each class is shuffled by its own generator, seeded with a string (which Python hashes with
     SHA-512, not with the per-process `hash`), so the split is the same on every machine.
     """
+    if not (all(0 < f < 1 for f in fractions) and sum(fractions) < 1):
+        raise ValueError(f"split fractions must each lie between 0 and 1 and leave a share for the "
+                         f"rest, got {list(fractions)}")
     parts = [[] for _ in range(len(fractions) + 1)]
     for name, members in members_by_class.items():
         members = list(members)
@@ -489,6 +498,9 @@ def load_cifar10(data_dir, subset: int = 0, augment=None, val_fraction: float = 
     `data_dir/cifar-10-batches-py`; downloads the latter when both are missing and `download`
     is true. Raises `DataNotFoundError` naming DATA_DIR, both layouts and how to get the data.
     """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction is a share of the training images between 0 and 1 "
+                         f"(0.1 holds out 10 %), got {val_fraction}")
     data_dir = pathlib.Path(data_dir).expanduser().resolve()
     folder = data_dir / "cifar10"
     if (folder / "train").is_dir() and (folder / "test").is_dir():
@@ -527,10 +539,12 @@ class BatchTransform(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:   # (B, 3, h, w) uint8
         if images.dtype != torch.uint8:
             raise TypeError(f"BatchTransform takes uint8 images, got {images.dtype}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"BatchTransform takes a batch of shape (B, 3, H, W), got {tuple(images.shape)}")
         # Normalise before upscaling: bilinear weights sum to 1, so the result is the same,
         # but the arithmetic runs on 32x32 pixels instead of 227x227 (50 times fewer).
         x = images.float().div_(255).sub_(self.mean).div_(self.std)
-        if self.size is not None and x.shape[-1] != self.size:
+        if self.size is not None and x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=False)
         return x                                                # (B, 3, size, size) float
@@ -863,8 +877,8 @@ def _plain(value):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
     if isinstance(value, (str, pathlib.Path)):
         return str(value)                                 # also str subclasses like TorchVersion
     return value
@@ -1012,8 +1026,17 @@ def evaluate(model: nn.Module, loader, criterion, amp: bool = False,
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
-    index = labels.long().cpu() * num_classes + predictions.long().cpu()
+    """(num_classes, num_classes) counts: row = true class, column = predicted class.
+    Both inputs are 1-D class indices of the same length (take `logits.argmax(1)` first)."""
+    predictions, labels = torch.as_tensor(predictions).long().cpu(), torch.as_tensor(labels).long().cpu()
+    if predictions.dim() != 1 or labels.dim() != 1 or len(predictions) != len(labels):
+        raise ValueError(f"confusion_matrix takes two 1-D tensors of class indices of the same length, "
+                         f"got predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)}")
+    for name, values in (("predictions", predictions), ("labels", labels)):
+        if len(values) and not (0 <= int(values.min()) and int(values.max()) < num_classes):
+            raise ValueError(f"confusion_matrix: {name} must lie in 0..{num_classes - 1}, "
+                             f"got values from {int(values.min())} to {int(values.max())}")
+    index = labels * num_classes + predictions
     return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
@@ -1135,7 +1158,8 @@ def _resume(files: RunFiles, recipe: dict, model, optimizer, scheduler, scaler, 
     optimizer.load_state_dict(training["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(training["scheduler"])
-    scaler.load_state_dict(training["scaler"])
+    if scaler.is_enabled() and training["scaler"]:           # a run saved without AMP has no scale yet
+        scaler.load_state_dict(training["scaler"])
     _set_rng_state(training["rng"], train_loader)
     return History(**training["history"])
 
@@ -1187,6 +1211,24 @@ def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype
         raise ValueError("the training loader yielded no batches")
     _check_finite(recent_losses, epoch, batch)
     return loss_sum.item() / seen, correct.item() / seen
+
+
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Hold a Ctrl-C (or a Jupyter interrupt) until the block has finished, then raise it as
+    KeyboardInterrupt: the best checkpoint, the last state and the history are written together,
+    so an interrupt never leaves them describing different epochs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield                                   # signal handlers can only be set from the main thread
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
@@ -1290,13 +1332,14 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
                     scheduler.step()
             seconds = time.perf_counter() - start
             improved = val_acc > history.best_val_acc or not history.val_acc
-            for name, value in (("epoch", epoch), ("train_loss", train_loss), ("train_acc", train_acc),
-                                ("val_loss", val_loss), ("val_acc", val_acc), ("lr", lr),
-                                ("seconds", seconds)):
-                getattr(history, name).append(value)
-            if files is not None:
-                _save_epoch(files, model, metadata or {}, history, improved, recipe,
-                            optimizer, scheduler, scaler, train_loader)
+            with _interrupt_deferred():        # an epoch is recorded and saved whole, or not at all
+                for name, value in (("epoch", epoch), ("train_loss", train_loss), ("train_acc", train_acc),
+                                    ("val_loss", val_loss), ("val_acc", val_acc), ("lr", lr),
+                                    ("seconds", seconds)):
+                    getattr(history, name).append(value)
+                if files is not None:
+                    _save_epoch(files, model, metadata or {}, history, improved, recipe,
+                                optimizer, scheduler, scaler, train_loader)
             if writer is not None:
                 for name, value in (("loss/train", train_loss), ("loss/val", val_loss),
                                     ("accuracy/train", train_acc), ("accuracy/val", val_acc), ("lr", lr)):

@@ -73,6 +73,12 @@ def test_without_throughput_every_size_and_speed_says_not_measured(results_dir):
     assert rows["ResNet"][3:5] == ["70.12% (epoch 1)", make_table.NOT_MEASURED]
 
 
+def test_describe_run_reports_the_test_accuracy_of_the_validation_chosen_epoch():
+    run = fake_run("LeNet5", [0.5, 0.6312, 0.6234], 0.6187, True, "2026-11-24T01:00:00+00:00")
+    assert utils.describe_run(run) == ("test 61.87%, val 63.12% (epoch 2 of 3), 40 s per epoch on "
+                                       "CPU, 2 cores (x86_64), 2026-11-24: fake run")
+
+
 def test_write_all_fills_the_readme_and_draws_the_figure(results_dir):
     write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
     write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)

@@ -167,6 +167,32 @@ def test_stratified_split_gives_each_part_at_least_one_and_refuses_tiny_classes(
         utils.stratified_split({"c": [1, 2]}, [0.1, 0.1], seed=0)
 
 
+@pytest.mark.parametrize("fractions", [[0.0], [10], [-0.2], [0.6, 0.5]])
+def test_stratified_split_refuses_fractions_outside_0_to_1(fractions):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        utils.stratified_split({"a": range(10)}, fractions, seed=0)
+
+
+def test_load_cifar10_names_a_val_fraction_given_in_percent(folder_root):
+    with pytest.raises(ValueError, match="val_fraction.*0.1 holds out 10 %.*got 10"):
+        utils.load_cifar10(folder_root, val_fraction=10)
+
+
+def test_settings_read_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EPOCHS", " 7 ")
+    assert utils.env_int("EPOCHS", 3) == 7
+    monkeypatch.setenv("EPOCHS", " ")
+    assert utils.env_int("EPOCHS", 3) == 3                   # empty means the default
+    monkeypatch.setenv("EPOCHS", "abc")
+    with pytest.raises(ValueError, match="EPOCHS='abc' is not an integer"):
+        utils.env_int("EPOCHS", 3)
+    monkeypatch.delenv("PREDICT_URL", raising=False)
+    assert utils.env_str("PREDICT_URL", "https://x") == "https://x"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_DIR", "data")
+    assert utils.env_path("DATA_DIR", "elsewhere") == tmp_path.resolve() / "data"   # absolute
+
+
 def test_stratified_split_is_the_same_on_every_machine():
     """Recorded once: it would change if the split used Python's per-process hash."""
     _, val = utils.stratified_split({"cat": list(range(20)), "dog": list(range(20, 40))}, [0.1], seed=0)
@@ -193,6 +219,17 @@ def test_batch_transform_normalises_and_resizes():
     assert torch.allclose(out, torch.full_like(out, 2.0))
     same_size = utils.BatchTransform(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(images[:, :, :8, :8])
     assert same_size.shape == (2, 3, 8, 8) and torch.allclose(same_size, torch.full_like(same_size, 2.0))
+
+
+def test_batch_transform_resizes_when_only_the_height_differs():
+    out = utils.BatchTransform(size=32)(torch.zeros(2, 3, 40, 32, dtype=torch.uint8))
+    assert out.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 32, 32, 3)])
+def test_batch_transform_names_a_batch_of_the_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        utils.BatchTransform()(torch.zeros(shape, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])

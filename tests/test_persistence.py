@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -44,6 +45,13 @@ def test_arch_defaults_to_the_class_name_and_metadata_is_plain(tmp_path):
     meta = utils.load_checkpoint(path, nn.Linear(2, 2))
     assert meta["arch"] == "Linear" and meta["mean"] == [0.5, 0.25]
     assert meta["root"] == str(tmp_path) and meta["shape"] == [1, 2]
+
+
+def test_numpy_metadata_is_saved_as_plain_lists(tmp_path):
+    path = utils.save_checkpoint(tmp_path / "m.pth", nn.Linear(2, 2), mean=np.array([0.5, 0.25]),
+                                 std=np.float32(0.5), sizes=np.array([[1, 2], [3, 4]]))
+    meta = utils.load_checkpoint(path, nn.Linear(2, 2))
+    assert meta["mean"] == [0.5, 0.25] and meta["std"] == 0.5 and meta["sizes"] == [[1, 2], [3, 4]]
 
 
 def test_dataparallel_prefix_is_handled(tmp_path):
