@@ -1218,17 +1218,21 @@ def _interrupt_deferred():
     """Hold a Ctrl-C (or a Jupyter interrupt) until the block has finished, then raise it as
     KeyboardInterrupt: the best checkpoint, the last state and the history are written together,
     so an interrupt never leaves them describing different epochs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield                                   # signal handlers can only be set from the main thread
+    in_main_thread = threading.current_thread() is threading.main_thread()   # the only one that may set handlers
+    if not in_main_thread or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:   # ignored stays ignored
+        yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     if caught:
-        raise KeyboardInterrupt
+        if callable(previous):
+            previous(*caught[0])                # Python's own handler raises KeyboardInterrupt
+        else:
+            raise KeyboardInterrupt
 
 
 def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,

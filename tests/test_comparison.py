@@ -89,6 +89,20 @@ def test_write_all_fills_the_readme_and_draws_the_figure(results_dir):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
 
+def test_figure_plots_the_test_accuracy_of_the_chosen_run_against_multiply_adds(results_dir, monkeypatch):
+    write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
+    write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)
+    drawn = []
+    monkeypatch.setattr(make_table.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    make_table.write_figure()
+    axes = drawn[0].axes[0]
+    (point,) = axes.lines
+    assert list(point.get_xdata()) == [658238] and list(point.get_ydata()) == pytest.approx([61.87])
+    labels = [text.get_text() for text in axes.texts]
+    assert "LeNet5, 2 epochs" in labels
+    assert any(label.startswith("not measured:") and "ResNet" in label for label in labels)
+
+
 def test_figure_without_any_measured_run(results_dir):
     path = make_table.write_figure(results_dir / "empty.png")
     assert path.read_bytes().startswith(b"\x89PNG")

@@ -443,12 +443,16 @@ def test_ctrl_c_during_a_save_waits_until_the_epoch_is_saved_whole(datasets, tmp
         return write(path, data)
 
     monkeypatch.setattr(utils, "_atomic_write", write_after_ctrl_c)
-    _, history = resume_run(datasets, files, epochs=3)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a terminal or Jupyter
+    try:
+        _, history = resume_run(datasets, files, epochs=3)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C works as before
+    finally:
+        signal.signal(signal.SIGINT, previous)        # CI may run the suite with Ctrl-C ignored
     assert history.epoch == [1] and "Interrupted" in capsys.readouterr().out
     assert utils.load_checkpoint(files.best, ResumeNet())["epoch"] == 1
     assert utils.load_checkpoint(files.last, ResumeNet())["epoch"] == 1
     assert utils.History.from_json(files.history).epoch == [1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C works as before
 
 
 def test_a_run_saved_without_amp_resumes_with_float16_amp(datasets, tmp_path):
