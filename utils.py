@@ -396,7 +396,8 @@ class RandomCropFlip:
 
 
 def _subset_indices(n: int, subset: int, seed: int = 0) -> torch.Tensor:
-    """All indices, or `subset` of them drawn at random with a fixed seed (so every class appears)."""
+    """All indices, or `subset` of them drawn at random with a fixed seed (the same draw on every
+    call, so a quick-mode run sees the same images each time)."""
     if subset <= 0 or subset >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:subset].sort().values
@@ -1287,6 +1288,8 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
         scheduler_interval = "batch" if isinstance(scheduler, PER_BATCH_SCHEDULERS) else "epoch"
     if scheduler_interval not in ("batch", "epoch"):
         raise ValueError(f"scheduler_interval must be 'batch' or 'epoch', got {scheduler_interval!r}")
+    if log_every < 1:
+        raise ValueError(f"log_every counts batches between progress updates and must be at least 1, got {log_every}")
     if resume and files is None:
         raise ValueError("resume=True needs files=RunFiles(...) to resume from")
     if on_cuda:

@@ -147,6 +147,11 @@ def test_one_cycle_is_stepped_every_batch(loaders):
     assert history.lr[1] > history.lr[0]
 
 
+def test_log_every_below_one_is_refused(loaders):
+    with pytest.raises(ValueError, match="log_every .* at least 1, got 0"):
+        run(loaders, epochs=1, log_every=0)
+
+
 def test_bad_scheduler_interval_is_refused(loaders):
     with pytest.raises(ValueError, match="scheduler_interval"):
         run(loaders, epochs=1, scheduler_interval="step")
