@@ -1216,9 +1216,10 @@ def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype
 
 @contextlib.contextmanager
 def _interrupt_deferred():
-    """Hold a Ctrl-C (or a Jupyter interrupt) until the block has finished, then raise it as
-    KeyboardInterrupt: the best checkpoint, the last state and the history are written together,
-    so an interrupt never leaves them describing different epochs."""
+    """Hold a Ctrl-C (or a Jupyter interrupt) until the block has finished, then hand it to the
+    handler that was in place (Python's raises KeyboardInterrupt): the best checkpoint, the last
+    state and the history are written together, so an interrupt never leaves them describing
+    different epochs. An ignored Ctrl-C stays ignored."""
     in_main_thread = threading.current_thread() is threading.main_thread()   # the only one that may set handlers
     if not in_main_thread or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:   # ignored stays ignored
         yield
@@ -1289,7 +1290,8 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
     if scheduler_interval not in ("batch", "epoch"):
         raise ValueError(f"scheduler_interval must be 'batch' or 'epoch', got {scheduler_interval!r}")
     if log_every < 1:
-        raise ValueError(f"log_every counts batches between progress updates and must be at least 1, got {log_every}")
+        raise ValueError(f"log_every counts batches between progress updates and must be at least 1, "
+                         f"got {log_every}")
     if resume and files is None:
         raise ValueError("resume=True needs files=RunFiles(...) to resume from")
     if on_cuda:

@@ -96,10 +96,8 @@ def lookahead_run(model, optimizer, steps: int, data) -> None:
 
 
 def test_lookahead_keeps_its_slow_weights_in_the_optimizer_state_and_resumes_exactly():
-    torch.manual_seed(0)
-    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(12)]
+    model, resumed, data = twin_models_and_data(12)
     make = lambda model: SPEEDRUN["LookaheadSGD"](model.parameters(), **SGD_SETTINGS, lookahead_every=3, total_steps=12)
-    model = torch.nn.Linear(6, 3)
     optimizer = make(model)
     lookahead_run(model, optimizer, 6, data)
     for weight in model.parameters():
@@ -107,7 +105,6 @@ def test_lookahead_keeps_its_slow_weights_in_the_optimizer_state_and_resumes_exa
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
     lookahead_run(model, optimizer, 12, data[6:] * 2)
 
-    resumed = torch.nn.Linear(6, 3)
     resumed_optimizer = make(resumed)
     resumed.load_state_dict(saved[0])
     resumed_optimizer.load_state_dict(saved[1])
