@@ -13,7 +13,8 @@ above its definition:
                   (the one normalisation), loaders that finish batches on the device
     Image folders flower_photos: safe unpacking, a reproducible train/val/test split
     Persistence   checkpoints with metadata, weights-only loading with errors in words
-    Evaluation    logits of a whole loader, accuracy, per-class accuracy, confusion matrix
+    Evaluation    logits of a whole loader, test-time augmentation, accuracy, per-class
+                  accuracy, confusion matrix
     Training      `train`: validation-chosen best checkpoint, resumable, and its `History`
     Prediction    any image to top-k classes, preprocessed exactly as in training
     Plotting      every figure: images, predictions, confusion matrix, history, filters
@@ -1017,6 +1018,31 @@ def predict_loader(model: nn.Module, loader, amp: bool = False,
     if not logits:
         raise ValueError("the loader yielded no batches")
     return torch.cat(logits), torch.cat(labels)
+
+
+class TTA(nn.Module):
+    """Test-time augmentation. In evaluation mode, the mean logits of `net` over views of each
+    image: level 0 the image alone, level 1 also its mirror, level 2 also both shifted by one
+    pixel up-left and down-right (reflected borders; six passes, the unshifted pair counting
+    half). In training mode it is `net` itself. Any network trained with flips (and shifts)."""
+
+    def __init__(self, net: nn.Module, level: int = 1):
+        super().__init__()
+        if level not in (0, 1, 2):
+            raise ValueError(f"TTA level must be 0, 1 or 2, got {level!r}")
+        self.net, self.level = net, level
+
+    def mirrored(self, x):                                     # x: (B, 3, H, W)
+        return (self.net(x) + self.net(x.flip(3))) / 2 if self.level >= 1 else self.net(x)
+
+    def forward(self, x):                                      # x: (B, 3, H, W)
+        if self.training:
+            return self.net(x)
+        if self.level < 2:
+            return self.mirrored(x)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")       # (B, 3, H + 2, W + 2)
+        up_left, down_right = padded[..., :-2, :-2], padded[..., 2:, 2:]
+        return self.mirrored(x) / 2 + self.mirrored(up_left) / 4 + self.mirrored(down_right) / 4
 
 
 def evaluate(model: nn.Module, loader, criterion, amp: bool = False,

@@ -140,6 +140,10 @@ def measured_figures() -> set[str]:
             figures |= {f"{100 * a:.2f}" for a in run["val_acc"]}
             if run.get("test_acc") is not None:
                 figures.add(f"{100 * run['test_acc']:.2f}")
+            for key, value in run["info"].items():      # e.g. val_acc_by_tta_level, test_acc_without_tta
+                if key.startswith(("val_acc", "test_acc")):
+                    values = value.values() if isinstance(value, dict) else [value]
+                    figures |= {f"{100 * a:.2f}" for a in values}
     for path in (ROOT / "results").glob("*-ablation.json"):             # Speedrun.ipynb's section 10
         figures |= {f"{100 * row['val_acc']:.2f}" for row in json.loads(path.read_text())["rows"]}
     return figures

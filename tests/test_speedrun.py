@@ -1,6 +1,6 @@
 """Speedrun.ipynb's pieces, loaded from the notebook itself and checked against what they promise:
 whitening decorrelates patches, flips alternate, shifts stay within their range, Lookahead
-resumes exactly, the BatchNorm shifts get their own step size, and TTA averages the right views."""
+resumes exactly, and the BatchNorm shifts get their own step size."""
 import copy
 import types
 
@@ -163,18 +163,3 @@ def test_without_shift_only_norm_the_batchnorm_scales_learn_at_the_common_step_s
     optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5)
     weights, shifts = optimizer.param_groups
     assert shifts["lr"] == pytest.approx(weights["lr"])
-
-
-def test_tta_averages_the_image_and_its_mirror_and_is_the_network_in_training():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    images = torch.randn(4, 3, 32, 32)
-    tta = SPEEDRUN["TTA"]
-    with torch.no_grad():
-        assert torch.equal(tta(net, 0).eval()(images), net(images))
-        assert torch.allclose(tta(net, 1).eval()(images), (net(images) + net(images.flip(3))) / 2)
-        assert torch.equal(tta(net, 2).train()(images), net(images))
-        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-        views = [images, padded[..., :-2, :-2], padded[..., 2:, 2:]]
-        mirrored = [(net(v) + net(v.flip(3))) / 2 for v in views]
-        assert torch.allclose(tta(net, 2).eval()(images), mirrored[0] / 2 + mirrored[1] / 4 + mirrored[2] / 4)

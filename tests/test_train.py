@@ -346,6 +346,28 @@ def test_confusion_matrix_names_bad_input(predictions, labels, words):
         utils.confusion_matrix(torch.as_tensor(predictions), torch.as_tensor(labels), 3)
 
 
+def test_tta_averages_the_right_views_and_is_the_network_in_training():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(utils.TTA(net, 0).eval()(images), net(images))
+        assert torch.allclose(utils.TTA(net, 1).eval()(images), (net(images) + net(images.flip(3))) / 2)
+        assert torch.equal(utils.TTA(net, 2).train()(images), net(images))
+        padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+        views = [images, padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        mirrored = [(net(view) + net(view.flip(3))) / 2 for view in views]
+        assert torch.allclose(utils.TTA(net, 2).eval()(images), mirrored[0] / 2 + mirrored[1] / 4 + mirrored[2] / 4)
+        # every level gives a mirrored image the same scores as the image, once its mirror is averaged in
+        assert torch.allclose(utils.TTA(net, 1).eval()(images.flip(3)), utils.TTA(net, 1).eval()(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [-1, 3, "1"])
+def test_tta_refuses_unknown_levels(level):
+    with pytest.raises(ValueError, match="TTA level must be 0, 1 or 2"):
+        utils.TTA(nn.Identity(), level)
+
+
 # ---- interrupting and resuming --------------------------------------------------------------
 
 class InterruptAt(Counting):
