@@ -358,7 +358,7 @@ def test_tta_averages_the_right_views_and_is_the_network_in_training():
         views = [images, padded[..., :-2, :-2], padded[..., 2:, 2:]]
         mirrored = [(net(view) + net(view.flip(3))) / 2 for view in views]
         assert torch.allclose(utils.TTA(net, 2).eval()(images), mirrored[0] / 2 + mirrored[1] / 4 + mirrored[2] / 4)
-        # every level gives a mirrored image the same scores as the image, once its mirror is averaged in
+        # level 1 gives a mirrored image the same scores as the image: the mirror is averaged in either way
         assert torch.allclose(utils.TTA(net, 1).eval()(images.flip(3)), utils.TTA(net, 1).eval()(images), atol=1e-6)
 
 
