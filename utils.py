@@ -46,6 +46,7 @@ import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
@@ -161,12 +162,14 @@ USER_AGENT = "cifar10-course/2.0"
 
 
 def fetch_url(url: str, file, *, timeout: float, max_bytes: int, progress: bool = False) -> str:
-    """Stream `url` into the binary file object `file` within `timeout` seconds in all and at
-    most `max_bytes` bytes; returns the response's Content-Type.
+    """Stream `url` into the binary file object `file`, at most `max_bytes` bytes, giving up
+    once `timeout` seconds have passed (checked as data arrives: a server that stops sending
+    is given `timeout` seconds for its next piece); returns the response's Content-Type.
 
     Raises `ValueError` starting with the URL and giving the reason: not a valid URL, could not
-    connect, an HTTP error, a time-out (also for a server that trickles), a declared or actual
-    size over the limit, or an empty response.
+    connect, an HTTP error, a time-out (also for a server that trickles or stalls), a connection
+    cut or a body that cannot be decoded, a declared or actual size over the limit, or an empty
+    response.
     """
     deadline = time.monotonic() + timeout
     timed_out = ValueError(f"{url}: the download timed out after {timeout:g} s")
@@ -191,7 +194,7 @@ def fetch_url(url: str, file, *, timeout: float, max_bytes: int, progress: bool 
                     file.write(chunk)
                     bar.update(len(chunk))
             content_type = response.headers.get("Content-Type", "")
-    except (requests.exceptions.Timeout, TimeoutError):
+    except (requests.exceptions.Timeout, TimeoutError, urllib3.exceptions.TimeoutError):
         raise timed_out from None
     except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
             requests.exceptions.InvalidSchema, requests.exceptions.URLRequired) as err:
@@ -200,7 +203,8 @@ def fetch_url(url: str, file, *, timeout: float, max_bytes: int, progress: bool 
         if "timed out" in str(err).lower():
             raise timed_out from None
         raise ValueError(f"{url}: could not connect ({err})") from None
-    except (requests.exceptions.RequestException, OSError) as err:
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
+        # the body is read through urllib3 (`response.raw`), whose errors requests does not wrap
         raise ValueError(f"{url}: the download failed ({err!r})") from None
     if size == 0:
         raise ValueError(f"{url}: the response was empty")
@@ -232,6 +236,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(array, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if image.mode == "La":                                      # Pillow converts it to LA only
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -248,7 +254,9 @@ def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
         try:
             with Image.open(io.BytesIO(data)):
                 pass
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:
+            pass                                # an image, too big: load_image refuses it, saying so
+        except (UnidentifiedImageError, OSError):
             raise ValueError(f"{url}: the response is {content_type.split(';')[0]}, not an image") from None
     return data
 
@@ -257,8 +265,9 @@ def _read_source(source, timeout: float, max_bytes: int) -> tuple[str, bytes]:
     """(a name for messages, the bytes) of a path, http(s) URL, bytes or binary file object."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"the {len(source):,} bytes given", bytes(source)
-    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
-        return source, _read_url(source, timeout, max_bytes)
+    if isinstance(source, str) and source.strip().lower().startswith(("http://", "https://")):
+        url = source.strip()                                   # a pasted URL often brings a space
+        return url, _read_url(url, timeout, max_bytes)
     if isinstance(source, str) and not source.strip():
         raise ValueError("an empty string is neither a path nor a URL")
     if isinstance(source, (str, os.PathLike)):

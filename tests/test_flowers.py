@@ -372,9 +372,6 @@ def write_tgz(path: pathlib.Path, members: dict[str, bytes]) -> pathlib.Path:
     return path
 
 
-# utils.py, load_flower_photos: its parameter `download: bool` shadows the module's `download`
-# function, so `download(FLOWER_PHOTOS_URL, f, ...)` calls the bool: TypeError instead of a download.
-
 def serve_archive(archive):
     """A stand-in for `utils.fetch_url` that writes `archive` into the file object it is given."""
     def fake_download(url, file, *, timeout, max_bytes, progress=False):

@@ -44,7 +44,7 @@ def test_predict_returns_sorted_top_k_pairs():
 
 
 def rgb_pixel(image):
-    return utils.load_image(encode(image) if image.mode not in ("CMYK", "I;16", "F") else image).getpixel((0, 0))
+    return utils.load_image(encode(image) if image.mode not in ("CMYK", "I;16", "F", "La") else image).getpixel((0, 0))
 
 
 @pytest.mark.parametrize("image, expected", [
@@ -58,6 +58,7 @@ def rgb_pixel(image):
     (Image.fromarray(np.full((10, 10), 65535, dtype=np.uint16)), (255, 255, 255)),   # 16-bit
     (Image.fromarray(np.full((10, 10), 32768, dtype=np.uint16)), (128, 128, 128)),
     (Image.fromarray(np.full((10, 10), 0.5, dtype=np.float32)), (128, 128, 128)),    # float in [0, 1]
+    (Image.new("La", (10, 10), (100, 128)), (227, 227, 227)),   # premultiplied: grey 199, half over white
 ])
 def test_every_valid_mode_becomes_8_bit_rgb(image, expected):
     loaded = rgb_pixel(image)
@@ -183,6 +184,7 @@ def test_oversized_file(tmp_path):
 # ---- URLs, served by a local server ----
 
 PNG = encode(Image.new("RGB", (16, 16), (255, 0, 0)))
+BOMB = encode(Image.new("1", (20000, 10000)))   # 24 KB of PNG, 200 million pixels: over Pillow's own limit
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -228,6 +230,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(b"\0" * 65536)
             except OSError:
                 pass
+        elif self.path == "/cut.png":          # the connection closes 10 bytes into the body
+            self.send(200, PNG[:10], "image/png", length=len(PNG))
+        elif self.path == "/stall.png":        # part of the body, then silence
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG[:10])
+            self.wfile.flush()
+            time.sleep(3)
+        elif self.path == "/bad-gzip.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", "20")
+            self.end_headers()
+            self.wfile.write(b"not gzip at all, no!")
+        elif self.path == "/bomb.bin":         # an image, mislabelled, and far too big
+            self.send(200, BOMB, "application/octet-stream")
         elif self.path == "/empty.png":
             self.send(200, b"", "image/png")
         elif self.path == "/garbage.png":
@@ -247,6 +268,7 @@ def server():
 def test_url_predicts(server):
     assert predict(f"{server}/red.png")[0][0] == "red"
     assert predict(f"{server}/mislabelled.png")[0][0] == "red"   # the bytes decide, not the header
+    assert predict(f" {server}/red.png\n")[0][0] == "red"          # as pasted, spaces and all
 
 
 BAD_URLS = [
@@ -254,6 +276,10 @@ BAD_URLS = [
     ("/page.html", {}, "text/html, not an image"),
     ("/slow.png", {"timeout": 1}, "timed out after 1 s"),
     ("/trickle.png", {"timeout": 1}, "timed out after 1 s"),
+    ("/stall.png", {"timeout": 1}, "timed out after 1 s"),
+    ("/cut.png", {}, "the download failed"),
+    ("/bad-gzip.png", {}, "the download failed"),
+    ("/bomb.bin", {}, "decompression bomb"),
     ("/huge-declared.png", {}, "1,000,000,000 bytes, over the"),
     ("/endless.png", {"max_bytes": 200_000}, "passed the 200,000-byte limit"),
     ("/empty.png", {}, "empty"),
@@ -272,7 +298,7 @@ def test_bad_urls_raise_value_error_naming_url_and_reason(server, path, options,
 # ---- the downloader itself ------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, options, reason", [case for case in BAD_URLS
-                                                   if case[0] not in ("/page.html", "/garbage.png")])
+                                                   if case[0] not in ("/page.html", "/garbage.png", "/bomb.bin")])
 def test_download_failures_name_url_and_reason(server, path, options, reason):
     url = f"{server}{path}"
     options = {"timeout": 10, "max_bytes": utils.MAX_DOWNLOAD_BYTES, **options}

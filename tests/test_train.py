@@ -166,9 +166,24 @@ def test_run_files_names():
     assert files.best.parent.name == "m"
 
 
+class RecordingFiles(Counting):
+    """A training loader that records, as each pass begins, which epochs the run's files hold."""
+    def __init__(self, loader, files):
+        super().__init__(loader)
+        self.files, self.on_disk = files, []
+
+    def __iter__(self):
+        history = json.loads(self.files.history.read_text())["epoch"] if self.files.history.exists() else None
+        last = utils.load_checkpoint(self.files.last, TinyNet())["epoch"] if self.files.last.exists() else None
+        self.on_disk.append((history, last))
+        yield from super().__iter__()
+
+
 def test_history_json_is_written_after_every_epoch(loaders, tmp_path):
     files = utils.RunFiles(tmp_path, "net")
-    _, _, _, history = run(loaders, epochs=3, files=files)
+    recording = RecordingFiles(loaders[0], files)
+    _, _, _, history = run((recording, loaders[1]), epochs=3, files=files)
+    assert recording.on_disk == [(None, None), ([1], 1), ([1, 2], 2)]   # each epoch saved before the next
     saved = json.loads(files.history.read_text())
     assert saved["val_acc"] == history.val_acc and saved["lr"] == history.lr and saved["test_acc"] is None
     assert utils.History.from_json(files.history) == history
