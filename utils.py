@@ -113,10 +113,15 @@ def _hardware() -> str:
 # Files
 # =============================================================================================
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, and a file another thread (a
+# TensorBoard writer, say) created during that moment would get no umask at all.
+UMASK = _read_umask()
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -130,7 +135,7 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_umask())   # mkstemp makes files private; use the usual mode
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)   # mkstemp makes files private; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -224,10 +229,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16/32-bit and float greyscale are rescaled, transparent
     pixels are composited onto white, and EXIF orientation is applied."""
+    # Pillow opens a PGM/PPM file with more than 8 bits as mode "I", scaled to 16 bits
+    sixteen_bits = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
+        if sixteen_bits:
             top = 65535.0                                     # the depth is known: dark stays dark
         else:                                                 # "I" and "F" do not say their range
             top = 1.0 if image.mode == "F" and array.max(initial=0) <= 1 else \
@@ -821,8 +828,8 @@ def read_class_index(path) -> list[str]:
     except ValueError as err:
         raise ValueError(f"{path}: not JSON ({err})") from None
     keys = [str(i) for i in range(len(index))] if isinstance(index, dict) else None
-    if keys is None or set(index) != set(keys) or not all(isinstance(v, str) for v in index.values()):
-        raise ValueError(f'{path}: expected a class index {{"0": name, "1": name, ...}} numbered from 0')
+    if not keys or set(index) != set(keys) or not all(isinstance(v, str) for v in index.values()):
+        raise ValueError(f'{path}: expected a class index {{"0": name, "1": name, ...}} numbered from 0, with at least one class')
     return [index[k] for k in keys]
 
 

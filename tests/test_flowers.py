@@ -273,7 +273,7 @@ def test_class_index_round_trip(tmp_path):
     assert path.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("content", ['{"1": "a", "2": "b"}', '["a", "b"]', '{"0": 5}', "not json"])
+@pytest.mark.parametrize("content", ['{"1": "a", "2": "b"}', '["a", "b"]', '{"0": 5}', "{}", "not json"])
 def test_read_class_index_rejects_other_files(tmp_path, content):
     path = tmp_path / "bad.json"
     path.write_text(content)

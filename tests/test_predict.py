@@ -65,6 +65,13 @@ def test_every_valid_mode_becomes_8_bit_rgb(image, expected):
     assert loaded == pytest.approx(expected, abs=2)
 
 
+def test_16_bit_pgm_keeps_its_brightness():
+    dark = b"P5 4 4 65535\n" + np.full(16, 200, dtype=">u2").tobytes()        # 200 of 65535: nearly black
+    assert utils.load_image(dark).getpixel((0, 0)) == (1, 1, 1)
+    grey = b"P5 4 4 1000\n" + np.full(16, 500, dtype=">u2").tobytes()         # half of its own maximum
+    assert utils.load_image(grey).getpixel((0, 0)) == pytest.approx((128, 128, 128), abs=1)
+
+
 def test_palette_with_transparency_and_cmyk_jpeg_and_16_bit_png_files(tmp_path):
     palette = Image.new("P", (10, 10), 0)
     palette.putpalette([255, 0, 0] + [0] * 765)
