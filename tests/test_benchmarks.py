@@ -60,8 +60,10 @@ def test_train_loop_benchmark_compares_both_loops(data_dir, capsys):
 
 
 def test_notebook_network_loads_the_class_the_notebook_defines():
-    network = load_script("train_loop").notebook_network("CustomCNN.ipynb", "MyNet")(num_classes=10)
-    assert isinstance(network, torch.nn.Module)
+    network_class = load_script("train_loop").notebook_network("CustomCNN.ipynb", "MyNet")
+    assert network_class.__name__ == "MyNet"
+    network = network_class(num_classes=10)
+    assert isinstance(network, torch.nn.Module) and utils.count_parameters(network) == 5_499_434
     with torch.no_grad():
         assert network.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -86,6 +88,14 @@ def test_training_images_per_s_counts_the_images_of_every_timed_step():
     assert all(torch.equal(a, b) for a, b in zip(batches[0], train_loop.random_batches(1, 4, 8, 10)[0]))
     rate = train_loop.training_images_per_s(SlowNet(0.02), batches, rounds=2)
     assert 12 / (3 * 0.02) / 4 < rate <= 12 / (3 * 0.02)      # 12 images, 3 steps of at least 20 ms
+
+
+def test_training_images_per_s_divides_all_timed_images_by_the_median_pass(monkeypatch):
+    train_loop = load_script("train_loop")
+    passes = iter([(0.1, 0.1), (0.5, 0.5), (0.4, 0.4), (2.0, 2.0)])   # the untimed warmup, then 3 rounds
+    monkeypatch.setattr(train_loop, "training_steps", lambda *args: next(passes))
+    batches = train_loop.random_batches(3, 4, 8, 10)
+    assert train_loop.training_images_per_s(SlowNet(0), batches, rounds=3) == pytest.approx(12 / 0.5)
 
 
 def test_channels_last_benchmark_measures_both_formats(capsys):

@@ -6,6 +6,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import utils
@@ -201,12 +202,26 @@ def test_stratified_split_is_the_same_on_every_machine():
 
 # ---- augmentation, normalisation, loaders ---------------------------------------------------
 
+def zero_padded_shift(image, dy, dx, padding):
+    h, w = image.shape[-2:]
+    padded = F.pad(image, (padding,) * 4)
+    return padded[:, padding + dy:padding + dy + h, padding + dx:padding + dx + w]
+
+
 def test_random_crop_flip_shifts_and_mirrors():
-    image = torch.arange(3 * 8 * 8, dtype=torch.uint8).view(3, 8, 8)
+    image = (torch.arange(3 * 8 * 8) + 1).to(torch.uint8).view(3, 8, 8)   # no zeros: any zero is padding
     utils.seed_everything(0)
     crops = [utils.RandomCropFlip(padding=2)(image) for _ in range(400)]   # 1 in 50 is uncropped and unflipped
     assert all(c.shape == image.shape and c.dtype == torch.uint8 for c in crops)
     assert any(torch.equal(c, image) for c in crops) and any(torch.equal(c, image.flip(-1)) for c in crops)
+    drawn = []
+    for crop in crops:
+        (match,) = [(dy, dx, flipped) for dy in range(-2, 3) for dx in range(-2, 3) for flipped in (False, True)
+                    if torch.equal(crop, zero_padded_shift(image, dy, dx, 2).flip(-1) if flipped
+                                   else zero_padded_shift(image, dy, dx, 2))]
+        drawn.append(match)
+    assert {(dy, dx) for dy, dx, _ in drawn} == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert {flipped for _, _, flipped in drawn} == {False, True}
     assert any((c == 0).any() for c in crops)   # zero padding shows at some offsets
     flipped = utils.RandomCropFlip(padding=0, flip=True)
     assert {bool(torch.equal(flipped(image), image)) for _ in range(30)} == {True, False}
@@ -258,3 +273,15 @@ def test_shuffle_is_seeded(folder_root):
     orders = [torch.cat([labels for _, labels in utils.make_loader(train_set, 10, "cpu", shuffle=True, seed=3)])
               for _ in range(2)]
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], train_set.labels)
+    other = torch.cat([labels for _, labels in utils.make_loader(train_set, 10, "cpu", shuffle=True, seed=4)])
+    assert not torch.equal(other, orders[0])
+
+
+def test_device_loader_sample_keeps_each_label_with_its_image():
+    labels = torch.randperm(50, generator=torch.Generator().manual_seed(0)) % 10
+    images = (25 * labels).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()   # pixels say the label
+    loader = utils.make_loader(utils.UInt8ImageDataset(images, labels, list("abcdefghij")), 8, "cpu", shuffle=False)
+    sample_images, sample_labels = loader.sample(20)
+    assert len(set(sample_labels.tolist())) > 1
+    assert torch.equal(sample_images[:, 0, 0, 0].long(), 25 * sample_labels)
+

@@ -112,12 +112,49 @@ def test_the_protocol_check_catches_an_early_use():
     assert early_test_uses("test_loader = utils.make_loader(test_set, 8)\nprint(len(test_set))") == []
 
 
+def section_code(path, number):
+    """The code cells of section `number`, from its '## n.' heading to the next '## ' heading."""
+    code, inside = [], False
+    for cell in cells(path):
+        if cell["cell_type"] == "markdown":
+            for heading in re.findall(r"^## (.+?)\s*$", source(cell), re.M):
+                inside = heading.startswith(f"{number}. ")
+        elif inside:
+            code.append(source(cell))
+    return "\n".join(code)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_training_chooses_on_validation_and_can_resume(path):
     code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
     assert re.search(r"utils\.train\(\w+, train_loader, val_loader,", code)
     assert re.search(r"RESUME = False +# ", code) and "resume=RESUME" in code
-    assert "utils.load_checkpoint(files.best" in code, "section 5 tests the checkpoint validation chose"
+    section_5 = section_code(path, 5)
+    best = section_5.find("utils.load_checkpoint(files.best")
+    first_test = re.search(r"predict_loader\(\w+, test_loader\)", section_5)
+    assert best != -1 and first_test and best < first_test.start(), \
+        "section 5 loads the checkpoint validation chose, then tests it"
+
+
+def make_loader_calls(path):
+    """(first argument, shuffle keyword) of every utils.make_loader(...) call in the notebook."""
+    import ast
+
+    code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
+    code = re.sub(r"^(\s*)[!%].*$", r"\1pass", code, flags=re.M)       # IPython magics and shell lines
+    calls = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "make_loader":
+            shuffle = next((k.value for k in node.keywords if k.arg == "shuffle"), None)
+            calls.append((ast.unparse(node.args[0]), ast.unparse(shuffle) if shuffle else None))
+    return calls
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_validation_and_test_loaders_are_never_shuffled(path):
+    evaluation = [(data, shuffle) for data, shuffle in make_loader_calls(path) if re.search(r"val|test", data)]
+    assert evaluation, "the notebook builds its validation and test loaders with utils.make_loader"
+    assert all(shuffle == "False" for _, shuffle in evaluation), evaluation
 
 
 # ---- figures in prose come from results/ ---------------------------------------------------------
@@ -129,6 +166,7 @@ def test_training_chooses_on_validation_and_can_resume(path):
 REFERENCE_FIGURES = {"79.43", "50.54", "60.80", "73.95", "59.31", "81.81", "92.64", "91.25", "93.03",
                      "93.39", "94.01", "94.05"}
 FIGURE = re.compile(r"\b(\d{1,3}\.\d{2}) ?%")
+ROUNDED_FIGURE = re.compile(r"\b(\d{1,3}\.\d) ?%")   # a figure rounded to one decimal
 
 
 def measured_figures() -> set[str]:
@@ -155,6 +193,9 @@ def test_notebook_prose_quotes_no_measured_figure(path):
     typed into prose, so they cannot drift; prose may cite reference figures only."""
     prose = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
     assert set(FIGURE.findall(prose)) <= REFERENCE_FIGURES
+    rounded = {f"{float(figure):.1f}" for figure in measured_figures() - REFERENCE_FIGURES}
+    references = {f"{float(figure):.1f}" for figure in REFERENCE_FIGURES}
+    assert not set(ROUNDED_FIGURE.findall(prose)) & (rounded - references)
     code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
     assert f'utils.print_measured_runs(NAME)' in code and f'NAME = "{path.stem}"' in code
 

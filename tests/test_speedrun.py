@@ -57,9 +57,14 @@ def test_alternating_flips_show_each_image_the_other_way_round_in_the_next_epoch
 
 
 def test_random_flips_do_not_alternate():
-    loader = loader_over(uint8_images(32), translate=0, alternate_flips=False)
+    images = uint8_images(32)
+    loader = loader_over(images, translate=0, alternate_flips=False)
     first, second = epoch_views(loader, 1), epoch_views(loader, 2)
     assert not torch.equal(second, first.flip(3))
+    mirrored = [torch.tensor([torch.equal(view, image.flip(2)) for view, image in zip(views, images)])
+                for views in (first, second)]
+    assert all(0 < m.sum() < len(images) for m in mirrored)       # a random orientation in every epoch
+    assert (mirrored[0] == mirrored[1]).any()                     # not every image turned round
 
 
 @pytest.mark.parametrize("pixels", [0, 1, 2])
@@ -143,6 +148,11 @@ def test_lookahead_off_is_plain_nesterov_sgd():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
 
 
+def assert_each_trainable_parameter_in_one_group(net, optimizer):
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in net.parameters() if p.requires_grad}
+
+
 def test_batchnorm_shifts_take_larger_steps_with_the_same_decay_per_step():
     net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10)
     optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5)
@@ -150,8 +160,7 @@ def test_batchnorm_shifts_take_larger_steps_with_the_same_decay_per_step():
     weights, shifts = optimizer.param_groups
     assert {id(p) for p in shifts["params"]} == {id(m.bias) for m in norms}
     assert all(not m.weight.requires_grad for m in norms)
-    grouped = [p for group in optimizer.param_groups for p in group["params"]]
-    assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in net.parameters())
+    assert_each_trainable_parameter_in_one_group(net, optimizer)
     assert SPEEDRUN["BIAS_LR_SCALE"] == 64
     assert shifts["lr"] == pytest.approx(64 * weights["lr"])
     assert shifts["lr"] * shifts["weight_decay"] == pytest.approx(weights["lr"] * weights["weight_decay"])
@@ -162,4 +171,7 @@ def test_without_shift_only_norm_the_batchnorm_scales_learn_at_the_common_step_s
     assert all(m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     optimizer, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5)
     weights, shifts = optimizer.param_groups
+    assert_each_trainable_parameter_in_one_group(net, optimizer)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(m.weight) for m in norms} <= {id(p) for p in weights["params"]}
     assert shifts["lr"] == pytest.approx(weights["lr"])

@@ -47,6 +47,15 @@ def test_show_feature_maps_shows_the_most_active_channels_first():
     plt.close(fig)
 
 
+def test_show_feature_maps_draws_every_channel_on_one_shared_scale():
+    maps = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7).view(6, 1, 1)
+    fig = utils.show_feature_maps(maps, n=6, ncols=3)
+    images = shown_images(fig)
+    assert len(images) == 6
+    assert all(image.get_clim() == pytest.approx((maps.min().item(), maps.max().item())) for image in images)
+    plt.close(fig)
+
+
 def test_show_feature_maps_rejects_a_batch():
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         utils.show_feature_maps(torch.zeros(2, 3, 4, 4))
@@ -109,8 +118,27 @@ def test_plot_history_draws_train_and_validation_and_marks_the_best_epoch(tmp_pa
     assert list(lines["best (by validation)"].get_xdata()) == [2, 2]
     loss_lines = {line.get_label(): list(line.get_ydata()) for line in ax_loss.get_lines()}
     assert loss_lines == {"train": [2.0, 1.5, 1.0], "validation": [2.1, 1.7, 1.8]}
+    (lr_line,) = ax_lr.get_lines()
+    assert list(lr_line.get_ydata()) == [0.1, 0.1, 0.01] and ax_lr.get_yscale() == "linear"   # a ratio of 10
     assert (tmp_path / "plots" / "history.png").stat().st_size > 0
     plt.close(fig)
+
+
+def test_plot_history_shows_a_learning_rate_spanning_more_than_tenfold_on_a_log_scale():
+    history = utils.History(epoch=[1, 2, 3], train_loss=[1.0] * 3, train_acc=[0.5] * 3, val_loss=[1.0] * 3,
+                            val_acc=[0.5] * 3, lr=[0.1, 0.01, 0.001], seconds=[1.0] * 3)
+    ax_lr = utils.plot_history(history).axes[2]
+    assert list(ax_lr.get_lines()[0].get_ydata()) == [0.1, 0.01, 0.001] and ax_lr.get_yscale() == "log"
+    plt.close("all")
+
+
+def test_imshow_undoes_the_normalisation():
+    image = torch.randint(0, 256, (3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    normalised = utils.BatchTransform(utils.CIFAR10_MEAN, utils.CIFAR10_STD)(image[None])[0]
+    ax = utils.imshow(normalised, utils.CIFAR10_MEAN, utils.CIFAR10_STD, ax=plt.figure().gca())
+    shown = torch.as_tensor(ax.images[0].get_array().data)
+    assert torch.allclose(shown.float(), image.permute(1, 2, 0).float() / 255, atol=1e-6)
+    plt.close("all")
 
 
 @pytest.mark.parametrize("num_epochs", [3, 25, 90])
