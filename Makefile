@@ -1,6 +1,6 @@
 # make demo   the main job: AlexNet-32.ipynb headless on real CIFAR-10, 8 epochs (a few minutes on a CPU)
 # make test   unit tests + every notebook in quick mode (offline, generated data)
-# make lab    JupyterLab on the notebooks
+# make lab    JupyterLab in the repository (notebooks/, and build/ for the demo's executed copy)
 # Each target creates .venv and installs requirements-dev.txt first when needed.
 
 PYTHON ?= python3
@@ -8,6 +8,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(CURDIR)/data
 MODEL_DIR ?= $(CURDIR)/model
+RUNS_DIR ?= $(CURDIR)/runs
+# the notebook runs in notebooks/: a relative path given here must still mean the same folder
+override DATA_DIR := $(abspath $(DATA_DIR))
+override MODEL_DIR := $(abspath $(MODEL_DIR))
+override RUNS_DIR := $(abspath $(RUNS_DIR))
 # demo settings: the notebook, passes over the data, and images per split (0 = all)
 DEMO_NOTEBOOK ?= AlexNet-32
 DEMO_EPOCHS ?= 8
@@ -22,7 +27,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 demo: $(BIN)/.installed
 	mkdir -p build
-	EPOCHS=$(DEMO_EPOCHS) SUBSET=$(DEMO_SUBSET) DATA_DIR=$(DATA_DIR) MODEL_DIR=$(MODEL_DIR) \
+	EPOCHS=$(DEMO_EPOCHS) SUBSET=$(DEMO_SUBSET) DATA_DIR=$(DATA_DIR) MODEL_DIR=$(MODEL_DIR) RUNS_DIR=$(RUNS_DIR) \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 	  --output-dir build notebooks/$(DEMO_NOTEBOOK).ipynb
 	@echo
@@ -33,10 +38,10 @@ demo: $(BIN)/.installed
 	@echo "executed notebook:        build/$(DEMO_NOTEBOOK).ipynb   (open it with: make lab)"
 	@echo "checkpoints and history:  $$(ls $(MODEL_DIR)/$(DEMO_NOTEBOOK)*.pth $(MODEL_DIR)/$(DEMO_NOTEBOOK)*.json | tr '\n' ' ')"
 	@echo "plots:                    $$(ls $(MODEL_DIR)/$(DEMO_NOTEBOOK)*.png | tr '\n' ' ')"
-	@echo "TensorBoard logs:         runs/   (tensorboard --logdir runs)"
+	@echo "TensorBoard logs:         $(RUNS_DIR)/   ($(BIN)/tensorboard --logdir $(RUNS_DIR))"
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env
 
 lab: $(BIN)/.installed
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab

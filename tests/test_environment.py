@@ -1,6 +1,8 @@
-"""environment.yml (conda) and requirements*.txt (pip) list the same packages."""
+"""environment.yml (conda) and requirements*.txt (pip) list the same packages; the Makefile hands
+the notebooks paths that mean what the reader typed."""
 import pathlib
 import re
+import subprocess
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONDA_NAMES = {"pytorch": "torch"}          # conda-forge name -> PyPI name
@@ -45,3 +47,12 @@ def test_requests_is_a_dependency():
     """utils.fetch_url uses requests: pip and conda users must get it."""
     assert "requests" in requirement_names(ROOT / "requirements.txt")
     assert "requests" in conda_names(ROOT / "environment.yml")
+
+
+def test_make_demo_passes_absolute_paths_to_the_notebook():
+    # the notebook runs in notebooks/, so a relative MODEL_DIR would land in notebooks/out
+    root = ROOT.resolve()
+    dry_run = subprocess.run(["make", "-n", "demo", "MODEL_DIR=out", "DATA_DIR=../elsewhere", "RUNS_DIR=logs"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+    assert f"MODEL_DIR={root / 'out'} " in dry_run and f"DATA_DIR={root.parent / 'elsewhere'} " in dry_run
+    assert f"RUNS_DIR={root / 'logs'} " in dry_run
