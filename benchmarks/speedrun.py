@@ -137,10 +137,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--run-notebook", action="store_true", help="then execute Speedrun.ipynb on DATA_DIR")
     parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
     parser.add_argument("--output", type=pathlib.Path, default=RESULT)
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
     parser.add_argument("--work-dir", type=pathlib.Path, help="keep the executed notebook and its model folder here")
     parser.add_argument("--compile", action="store_true", help="also time SpeedNet's step under torch.compile")
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)   # the tests use "eager"
     args = parser.parse_args(argv)
+    if args.run_notebook:          # check before minutes of timing, not after
+        if args.output.exists() and not args.force:
+            parser.error(f"{args.output} exists (a recorded run the README may cite): pass another --output, "
+                         f"or --force to replace it")
+        data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
+        utils.load_cifar10(data_dir, subset=1, download=False)   # DataNotFoundError names DATA_DIR
     measured = {"machine": utils._hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "load_average": round(os.getloadavg()[0], 1),
@@ -148,7 +155,6 @@ def main(argv=None) -> dict:
     if args.compile:
         measured["compile"] = compile_speedup(args.speedrun_batches, args.compile_backend)
     if args.run_notebook:
-        data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
         history = run_notebook(args.epochs, data_dir, args.work_dir)
         total = history["info"]["total_seconds"]
         ratio = total / measured["customcnn"]["epoch_seconds"]

@@ -53,6 +53,8 @@ MEASURE_ROUNDS = 3                      # rounds; images/s of the median round
 # ---- runs: `add` and the results table -------------------------------------------------------
 
 def add(history_path: pathlib.Path, name: str, note: str, full_recipe: bool, plot: pathlib.Path | None) -> pathlib.Path:
+    if plot and not plot.is_file():                          # checked before anything is written
+        sys.exit(f"{plot}: no such plot")
     history = json.loads(history_path.read_text())
     if not history.get("epoch"):
         sys.exit(f"{history_path}: no completed epochs")
@@ -294,6 +296,9 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.command == "measure":
+        if args.output == RESULTS / THROUGHPUT and set(args.networks) != set(train_loop.NETWORKS):
+            sys.exit(f"measuring only {', '.join(args.networks)} would drop the other networks from "
+                     f"{args.output}: measure all of them, or pass --output for a partial measurement")
         measure(args.networks, args.batch_size, args.steps, args.rounds, args.warmup, args.threads, args.output)
         print(f"wrote {args.output}; now run: .venv/bin/python results/make_table.py")
         return

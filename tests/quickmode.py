@@ -38,6 +38,7 @@ def pytest_configure(config):
         "MODEL_DIR": str(root / "model"),
         "RUNS_DIR": str(root / "runs"),
         "PREDICT_URL": f"{base_url}/cat.jpg",
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",   # never through a proxy
     })
 
 

@@ -129,6 +129,21 @@ def test_batch_transform_equals_resizing_before_normalising():
     assert torch.allclose(utils.BatchTransform(size=227)(images), reference, atol=1e-5)
 
 
+def test_speedrun_budget_refuses_to_replace_a_recorded_run_or_to_start_without_data(data_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    speedrun = load_script("speedrun")
+    monkeypatch.setattr(speedrun, "measure_steps", lambda *args: pytest.fail("checks come before any timing"))
+    recorded = tmp_path / "budget.json"
+    recorded.write_text("{}")
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    with pytest.raises(SystemExit):
+        speedrun.main(["--run-notebook", "--output", str(recorded)])
+    assert "--force" in capsys.readouterr().err and recorded.read_text() == "{}"
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "nothing here"))
+    with pytest.raises(utils.DataNotFoundError, match="nothing here"):
+        speedrun.main(["--run-notebook", "--output", str(tmp_path / "new.json")])
+
+
 def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp_path, monkeypatch):
     """Tiny timings, then the notebook itself for one epoch on generated data: the budget file
     holds the reference epoch, the budgets as multiples of it, and the run's ratio to it."""

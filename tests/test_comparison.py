@@ -139,3 +139,20 @@ def test_add_never_overwrites_a_recorded_run(results_dir, tmp_path):
     assert first != second and json.loads(first.read_text())["info"]["note"] == "first"
     with pytest.raises(SystemExit, match="exists already"):
         make_table.add(history, "LeNet5", "again", True, None)
+
+
+def test_a_missing_plot_adds_nothing(results_dir, tmp_path):
+    history = tmp_path / "history.json"
+    write(history, fake_run("LeNet5", [0.5, 0.6], 0.59, True, "2026-11-24T01:15:02+00:00"))
+    with pytest.raises(SystemExit, match="no such plot"):
+        make_table.add(history, "LeNet5", "first", True, tmp_path / "typo.png")
+    assert list(results_dir.iterdir()) == []                 # so the corrected command still works
+    assert make_table.add(history, "LeNet5", "first", True, None).exists()
+
+
+def test_measuring_some_networks_never_replaces_the_whole_throughput_file(results_dir):
+    recorded = results_dir / make_table.THROUGHPUT
+    write(recorded, {"networks": {"LeNet5": {}, "VGG16": {}}})
+    with pytest.raises(SystemExit, match="would drop the other networks"):
+        make_table.main(["measure", "--networks", "LeNet5"])
+    assert json.loads(recorded.read_text()) == {"networks": {"LeNet5": {}, "VGG16": {}}}
