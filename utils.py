@@ -245,7 +245,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode == "La":                                      # Pillow converts it to LA only
         image = image.convert("LA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -829,7 +829,8 @@ def read_class_index(path) -> list[str]:
         raise ValueError(f"{path}: not JSON ({err})") from None
     keys = [str(i) for i in range(len(index))] if isinstance(index, dict) else None
     if not keys or set(index) != set(keys) or not all(isinstance(v, str) for v in index.values()):
-        raise ValueError(f'{path}: expected a class index {{"0": name, "1": name, ...}} numbered from 0, with at least one class')
+        raise ValueError(f'{path}: expected a class index {{"0": name, "1": name, ...}} numbered from 0, '
+                         f'with at least one class')
     return [index[k] for k in keys]
 
 
