@@ -170,3 +170,26 @@ def test_speedrun_compile_timing_compares_the_compiled_step_with_the_plain_one(c
     assert compiled["backend"] == "eager" and compiled["compile_seconds"] > 0
     assert compiled["ratio"] == pytest.approx(compiled["images_per_s"] / compiled["plain_images_per_s"])
     assert "torch.compile (eager)" in capsys.readouterr().out
+
+
+def test_speedrun_ablation_runs_section_10_without_opening_the_test_set(data_dir, tmp_path, monkeypatch):
+    """Section 10's rows and a seed row, one epoch each on generated data: every row is a
+    validation accuracy, the test images are never loaded, and no file is ever replaced."""
+    ablation = load_script("speedrun_ablation")
+    sources = "\n".join(ablation.setup_cells())
+    assert "def run_ablation" in sources and "utils.RunFiles" not in sources
+    uses = [line for line in sources.splitlines() if "test_" in line.replace("len(test_set)", "")]
+    assert len(uses) == 1 and "load_cifar10" in uses[0]      # the test split is loaded and counted, never used
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    monkeypatch.setenv("SUBSET", "40")
+    output = tmp_path / "ablation.json"
+    rows = ablation.main(["--epochs", "1", "--output", str(output)])["rows"]
+    notebook_rows = ablation.notebook_setup()["ABLATION_ROWS"]
+    assert [row["row"] for row in rows] == [label for label, _ in notebook_rows]
+    assert all(0 <= row["val_acc"] <= 1 and row["seconds"] > 0 for row in rows)
+    assert json.loads(output.read_text())["rows"] == json.loads(json.dumps(rows))
+    seeds = ablation.main(["--epochs", "1", "--seeds", "1", "2", "--output", str(tmp_path / "seeds.json")])
+    assert [row["seed"] for row in seeds["rows"]] == [1, 2] and "val_acc_std" in seeds
+    with pytest.raises(SystemExit):
+        ablation.main(["--epochs", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["rows"] == json.loads(json.dumps(rows))
