@@ -30,6 +30,7 @@ matplotlib.use("Agg")   # the data section draws a figure; nobody is there to se
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from benchmarks import train_loop  # noqa: E402
 
 NOTEBOOK = utils.REPO_DIR / "notebooks" / "Speedrun.ipynb"
 SETUP_SECTIONS = {0, 1, 2, 3}
@@ -38,7 +39,7 @@ SECTION = re.compile(r"^## (\d+)\.", flags=re.MULTILINE)
 
 def setup_cells(notebook: pathlib.Path = NOTEBOOK) -> list[str]:
     """The sources of the code cells of sections 0-3, then of section 10's `run_ablation` cell,
-    with IPython's `!` and `%` lines made inert (they only matter on Colab)."""
+    with IPython's magics made inert."""
     chosen, section = [], 0
     for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
         source = "".join(cell["source"])
@@ -46,7 +47,7 @@ def setup_cells(notebook: pathlib.Path = NOTEBOOK) -> list[str]:
             headings = SECTION.findall(source)
             section = int(headings[-1]) if headings else section
         elif section in SETUP_SECTIONS or (section == 10 and "def run_ablation" in source):
-            chosen.append(re.sub(r"^(\s*)([%!])", r"\1pass  # \2", source, flags=re.MULTILINE))
+            chosen.append(train_loop.without_magics(source))
     if not any("def run_ablation" in source for source in chosen):
         raise LookupError(f"{notebook.name} has no section 10 cell defining run_ablation")
     return chosen

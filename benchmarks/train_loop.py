@@ -169,6 +169,11 @@ def is_definition(node: ast.stmt) -> bool:
     return False
 
 
+def without_magics(source: str) -> str:
+    """A code cell's source with IPython's `!` and `%` lines made inert (they only matter on Colab)."""
+    return re.sub(r"^(\s*)([%!])", r"\1pass  # \2", source, flags=re.MULTILINE)
+
+
 def notebook_namespace(notebook: str | pathlib.Path, cell_filter=None) -> dict:
     """The definitions (classes, functions, imports, names bound to literals) of `notebook`'s code
     cells, run in order in a namespace holding torch, nn, F, math and collections. `cell_filter`
@@ -180,7 +185,7 @@ def notebook_namespace(notebook: str | pathlib.Path, cell_filter=None) -> dict:
         source = "".join(cell["source"])
         if cell["cell_type"] != "code" or (cell_filter and not cell_filter(source)):
             continue
-        source = re.sub(r"^(\s*)([%!])", r"\1pass  # \2", source, flags=re.MULTILINE)   # IPython magics
+        source = without_magics(source)
         tree = ast.parse(source, filename=f"{path.name} cell {index}")
         tree.body = [node for node in tree.body if is_definition(node)]
         exec(compile(tree, f"{path.name} cell {index}", "exec"), namespace)

@@ -174,7 +174,7 @@ def test_speedrun_compile_timing_compares_the_compiled_step_with_the_plain_one(c
 
 def test_speedrun_ablation_runs_section_10_without_opening_the_test_set(data_dir, tmp_path, monkeypatch):
     """Section 10's rows and a seed row, one epoch each on generated data: every row is a
-    validation accuracy, the test images are never loaded, and no file is ever replaced."""
+    validation accuracy, the test split is loaded but never used, and no file is ever replaced."""
     ablation = load_script("speedrun_ablation")
     sources = "\n".join(ablation.setup_cells())
     assert "def run_ablation" in sources and "utils.RunFiles" not in sources
