@@ -5,6 +5,7 @@
 import json
 import pathlib
 import re
+import warnings
 
 import pytest
 
@@ -41,6 +42,19 @@ def test_committed_without_outputs_or_execution_counts(path):
     for i, cell in enumerate(cells(path)):
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"cell {i}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_valid_nbformat_with_a_unique_id_for_every_cell(path):
+    """nbformat 4.5 gives every cell an id; a cell pasted in without one is only a warning today
+    (Jupyter quietly adds one on the next save, a diff nobody asked for) and an error later."""
+    import nbformat
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbformat.validate(json.loads(path.read_text(encoding="utf-8")))
+    ids = [cell.get("id") for cell in cells(path)]
+    assert None not in ids, f"cell {ids.index(None)} has no id"
+    assert len(set(ids)) == len(ids), "cell ids repeat"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
