@@ -193,3 +193,42 @@ def test_speedrun_ablation_runs_section_10_without_opening_the_test_set(data_dir
     with pytest.raises(SystemExit):
         ablation.main(["--epochs", "1", "--output", str(output)])
     assert json.loads(output.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_resnet_run_reads_settings_as_literals_and_refuses_bad_ones():
+    resnet_run = load_script("resnet_run")
+    assert resnet_run.parse_settings(["CUTOUT=0", "LABEL_SMOOTHING=0.05", "NAME=Long"]) == \
+        {"CUTOUT": 0, "LABEL_SMOOTHING": 0.05, "NAME": "Long"}
+    for bad in ("CUTOUT", "cutout=0", "=3"):
+        with pytest.raises(SystemExit, match="NAME=VALUE"):
+            resnet_run.parse_settings([bad])
+
+
+def test_resnet_run_trains_the_notebook_in_bfloat16_and_opens_the_test_set_only_when_asked(
+        data_dir, tmp_path, monkeypatch):
+    """One epoch of ResNet.ipynb's own cells on generated data: the settings given replace the
+    notebook's, utils.train gets amp=True (and is itself again afterwards), the validation split
+    chooses the TTA level, and only TEST=1 reads the test set."""
+    resnet_run = load_script("resnet_run")
+    for name, value in dict(DATA_DIR=data_dir, MODEL_DIR=tmp_path / "model", RUNS_DIR=tmp_path / "runs",
+                            EPOCHS=1, SUBSET=40).items():
+        monkeypatch.setenv(name, str(value))
+    train = utils.train
+    calls = []
+
+    def recorded_train(*args, **kwargs):
+        calls.append(kwargs)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "train", recorded_train)
+    namespace = resnet_run.main(["--name", "Tiny", "--set", "CUTOUT=0", "TTA_LEVELS=(0, 1)"])
+    assert [call["amp"] for call in calls] == [True] and calls[0]["files"].best.name == "Tiny_best.pth"
+    assert namespace["CUTOUT"] == 0 and namespace["EPOCHS"] == 1 and not namespace["RESUME"]
+    assert set(namespace["val_acc_by_level"]) == {0, 1} and "test_acc" not in namespace
+    assert utils.train is recorded_train                                    # put back after the run
+    with pytest.raises(SystemExit, match="NOT_A_SETTING"):
+        resnet_run.main(["--name", "Tiny", "--set", "NOT_A_SETTING=1"])
+    monkeypatch.setenv("TEST", "1")
+    monkeypatch.setenv("RESUME", "1")                  # the finished epoch is resumed, not retrained
+    namespace = resnet_run.main(["--name", "Tiny", "--set", "CUTOUT=0", "TTA_LEVELS=(0, 1)"])
+    assert namespace["RESUME"] and len(namespace["history"]) == 1 and 0 <= namespace["test_acc"] <= 1
