@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import json
 import os
 import pathlib
-import re
 import sys
 
 import matplotlib
@@ -30,11 +28,10 @@ import matplotlib
 matplotlib.use("Agg")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
-from benchmarks.train_loop import NOTEBOOK_DIR, without_magics  # noqa: E402
+from benchmarks.train_loop import NOTEBOOK_DIR, code_cells_by_section  # noqa: E402
 
 NOTEBOOK = NOTEBOOK_DIR / "ResNet.ipynb"
 LAST_SECTION = 5                                    # sections 0-5: up to the test-time choice
-SECTION = re.compile(r"^## (\d+)\.", flags=re.MULTILINE)
 TEST_CELL = "test_loader = utils.make_loader(test_set"
 
 
@@ -65,20 +62,14 @@ def run(settings: dict, test: bool, amp: bool = True) -> dict:
 
 
 def run_cells(settings: dict, test: bool) -> dict:
-    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
-    if not any("EPOCHS = " in "".join(cell["source"]) for cell in cells):
+    cells = code_cells_by_section(NOTEBOOK)
+    if not any("EPOCHS = " in source for _, _, source in cells):
         raise SystemExit(f"{NOTEBOOK.name} has no settings cell (a cell assigning EPOCHS)")
     namespace = {"__name__": "__main__"}
-    section = 0
-    for index, cell in enumerate(cells):
-        source = "".join(cell["source"])
-        if cell["cell_type"] == "markdown":
-            found = SECTION.findall(source)
-            section = int(found[-1]) if found else section
-            continue
+    for index, section, source in cells:
         if section > LAST_SECTION or (TEST_CELL in source and not test):
             break
-        exec(compile(without_magics(source), f"{NOTEBOOK.name} cell {index}", "exec"), namespace)
+        exec(compile(source, f"{NOTEBOOK.name} cell {index}", "exec"), namespace)
         if "EPOCHS = " in source:                   # the settings cell
             unknown = sorted(set(settings) - set(namespace))
             if unknown:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -34,20 +33,13 @@ from benchmarks import train_loop  # noqa: E402
 
 NOTEBOOK = utils.REPO_DIR / "notebooks" / "Speedrun.ipynb"
 SETUP_SECTIONS = {0, 1, 2, 3}
-SECTION = re.compile(r"^## (\d+)\.", flags=re.MULTILINE)
 
 
 def setup_cells(notebook: pathlib.Path = NOTEBOOK) -> list[str]:
     """The sources of the code cells of sections 0-3, then of section 10's `run_ablation` cell,
     with IPython's magics made inert."""
-    chosen, section = [], 0
-    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
-        source = "".join(cell["source"])
-        if cell["cell_type"] == "markdown":
-            headings = SECTION.findall(source)
-            section = int(headings[-1]) if headings else section
-        elif section in SETUP_SECTIONS or (section == 10 and "def run_ablation" in source):
-            chosen.append(train_loop.without_magics(source))
+    chosen = [source for _, section, source in train_loop.code_cells_by_section(notebook)
+              if section in SETUP_SECTIONS or (section == 10 and "def run_ablation" in source)]
     if not any("def run_ablation" in source for source in chosen):
         raise LookupError(f"{notebook.name} has no section 10 cell defining run_ablation")
     return chosen

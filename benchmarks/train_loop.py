@@ -51,6 +51,7 @@ PER_CLASS_SPEEDUP_TARGET = 10   # per-image loop time / vectorised time, at leas
 
 MEASUREMENTS = ("train_loop", "per_class", "channels_last")   # what --only picks from
 NOTEBOOK_DIR = utils.REPO_DIR / "notebooks"
+SECTION_HEADING = re.compile(r"^## (\d+)\.", flags=re.MULTILINE)   # a numbered section's heading
 # Each notebook's network, as its notebook instantiates it (name: notebook file, class defined in
 # it, constructor kwargs, input side in pixels). A new notebook joins the channels_last measurement
 # with one line here, e.g. "LeNet5": ("LeNet5.ipynb", "LeNet5", {"num_classes": 10}, 32).
@@ -172,6 +173,20 @@ def is_definition(node: ast.stmt) -> bool:
 def without_magics(source: str) -> str:
     """A code cell's source with IPython's `!` and `%` lines made inert (they only matter on Colab)."""
     return re.sub(r"^(\s*)([%!])", r"\1pass  # \2", source, flags=re.MULTILINE)
+
+
+def code_cells_by_section(notebook: pathlib.Path) -> list[tuple[int, int, str]]:
+    """(cell index, section, source with magics made inert) for each code cell of `notebook`; a
+    cell's section is the number of the last `## N.` heading above it, 0 before the first."""
+    cells, section = [], 0
+    for index, cell in enumerate(json.loads(notebook.read_text(encoding="utf-8"))["cells"]):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
+            headings = SECTION_HEADING.findall(source)
+            section = int(headings[-1]) if headings else section
+        else:
+            cells.append((index, section, without_magics(source)))
+    return cells
 
 
 def notebook_namespace(notebook: str | pathlib.Path, cell_filter=None) -> dict:
