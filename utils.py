@@ -18,6 +18,8 @@ above its definition:
     Training      `train`: validation-chosen best checkpoint, resumable, and its `History`
     Prediction    any image to top-k classes, preprocessed exactly as in training
     Plotting      every figure: images, predictions, confusion matrix, history, filters
+    Sections 5-9  the end of every lesson in one call each (CustomCNN.ipynb writes them out)
+    Results       the course's measured runs, from results/
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def env_path(name: str, default: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(env_str(name, str(default))).expanduser().resolve()
 
 
-def _hardware() -> str:
+def hardware() -> str:
+    """The GPU's name, or the CPU's core count and architecture: written beside every measurement."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU, {os.cpu_count()} cores ({platform.machine()})"
@@ -124,7 +127,7 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over
     `path`: a crash or kill at any moment leaves either the old file or the new one."""
     path = pathlib.Path(path)
@@ -722,7 +725,8 @@ def load_flower_photos(data_dir, download: bool = True) -> pathlib.Path:
     return root
 
 
-def _file_record(path: pathlib.Path) -> dict:
+def file_record(path: pathlib.Path) -> dict:
+    """Size, modification time and SHA-256 of a file: what a split manifest remembers of it."""
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -752,7 +756,7 @@ def _verify_files(root: pathlib.Path, files: list[str], manifest: dict, manifest
         stat = (root / name).stat()
         if (stat.st_size, stat.st_mtime_ns) == (recorded[name]["size"], recorded[name]["mtime_ns"]):
             continue
-        record = _file_record(root / name)
+        record = file_record(root / name)
         if record["sha256"] != recorded[name]["sha256"]:
             changed.append(name)
         else:
@@ -797,14 +801,14 @@ def split_image_folder(root, manifest_path, val_fraction: float = 0.1, test_frac
             raise ValueError(f"{manifest_path} holds a split with {manifest['fractions']}, seed={manifest['seed']}, "
                              f"not {fractions}, seed={seed}: pass those, or another manifest path")
         if _verify_files(root, files, manifest, manifest_path):
-            _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+            atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     else:
         by_class = {name: [f for f in files if f.split("/", 1)[0] == name] for name in classes}
         train, val, test = stratified_split(by_class, [val_fraction, test_fraction], seed)
         manifest = {"root": str(root), "fractions": fractions, "seed": seed, "classes": classes,
                     "train": train, "val": val, "test": test,
-                    "files": {f: _file_record(root / f) for f in files}}
-        _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+                    "files": {f: file_record(root / f) for f in files}}
+        atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     return ([root / f for f in manifest["train"]], [root / f for f in manifest["val"]],
             [root / f for f in manifest["test"]], list(manifest["classes"]))
 
@@ -815,7 +819,7 @@ def write_class_index(path, classes) -> pathlib.Path:
     path = pathlib.Path(path)
     data = json.dumps({str(i): name for i, name in enumerate(classes)}, indent=4).encode()
     if not (path.is_file() and path.read_bytes() == data):
-        _atomic_write(path, data)
+        atomic_write(path, data)
     return path
 
 
@@ -935,7 +939,7 @@ def save_checkpoint(path, model: nn.Module, *, backup: bool = True, **meta) -> p
     data = _checkpoint_bytes(model, meta)
     if backup:
         _backup_existing(path)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return path
 
 
@@ -1102,7 +1106,7 @@ def print_per_class_accuracy(matrix: torch.Tensor, classes) -> None:
 PER_BATCH_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 # channels_last by device type. On this course's 2-core CPU (torch 2.14) a training step ran
 # faster with it for four of the five networks timed (AlexNet-227: 0.93, within the noise of
-# its rounds): see README, "Performance".
+# its rounds): see the lab book, results/README.md, "Performance".
 CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": True}
 
 
@@ -1134,7 +1138,7 @@ class History:
 
     def to_json(self, path) -> None:
         """Write the history as JSON, atomically."""
-        _atomic_write(pathlib.Path(path), json.dumps(asdict(self), indent=1).encode())
+        atomic_write(pathlib.Path(path), json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def from_json(cls, path) -> "History":
@@ -1286,11 +1290,11 @@ def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
     then the history JSON; each write atomic."""
     epoch, val_acc = history.epoch[-1], history.val_acc[-1]
     if improved:
-        _atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
+        atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
     training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict(), "rng": _rng_state(train_loader), "history": asdict(history)}
-    _atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
+    atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
     history.to_json(files.history)
 
 
@@ -1357,7 +1361,7 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
             for path in (files.best, files.last, files.history):
                 _backup_existing(path)
         history = History(info={
-            "model": type(_unwrap(model)).__name__, "device": _hardware(), "torch": str(torch.__version__),
+            "model": type(_unwrap(model)).__name__, "device": hardware(), "torch": str(torch.__version__),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "optimizer": type(optimizer).__name__,
             "scheduler": type(scheduler).__name__ if scheduler else None,
@@ -1440,6 +1444,10 @@ def predict(model: nn.Module, source, meta: dict, topk: int = 5, **load_options)
     probs = logits.softmax(1)[0]
     values, indices = probs.topk(min(topk, len(meta["classes"])))
     return [(meta["classes"][i], p) for i, p in zip(indices.tolist(), values.tolist())]
+
+
+CAT_PHOTO_URL = ("https://upload.wikimedia.org/wikipedia/commons/thumb/4/4d/Cat_November_2010-1a.jpg/"
+                 "320px-Cat_November_2010-1a.jpg")   # section 9's photo from the web (Wikimedia Commons)
 
 
 def print_top_k(pairs) -> None:
@@ -1650,6 +1658,118 @@ def show_feature_maps(maps: torch.Tensor, n: int = 16, ncols: int = 8, title: st
 
 
 # =============================================================================================
+# Sections 5-9, packed up: CustomCNN.ipynb writes each out in full, the other notebooks call these
+# =============================================================================================
+
+@dataclass
+class TestResult:
+    """What section 5 measured, for sections 6-8: the test accuracy of the checkpoint the
+    validation chose, every test prediction with its label, and that checkpoint's metadata."""
+    test_acc: float
+    predictions: torch.Tensor       # (N,) predicted classes
+    labels: torch.Tensor            # (N,) true classes
+    best: dict                      # the chosen checkpoint's metadata: epoch, val_acc, ...
+    tta_level: int = 0
+
+
+def choose_tta_level(model: nn.Module, files: RunFiles, val_loader, levels, history: History) -> int:
+    """Load the checkpoint the validation chose, measure each test-time augmentation level
+    on the validation split (the test split has no say) and return the best one, the first
+    of equal ones; the accuracies are kept in `history.info["val_acc_by_tta_level"]`."""
+    load_checkpoint(files.best, model)
+    val_acc_by_level = {}
+    for level in levels:
+        logits, labels = predict_loader(TTA(model, level), val_loader)
+        val_acc_by_level[level] = (logits.argmax(1) == labels).float().mean().item()
+        print(f"TTA level {level}: validation accuracy {val_acc_by_level[level]:.2%}")
+    chosen = max(val_acc_by_level, key=val_acc_by_level.get)
+    history.info["val_acc_by_tta_level"] = val_acc_by_level
+    print(f"chosen: level {chosen}")
+    return chosen
+
+
+def test_chosen_model(model: nn.Module, files: RunFiles, test_loader, history: History,
+                      tta_level: int = 0) -> TestResult:
+    """Section 5: load the checkpoint the validation chose (`files.best`) into `model`, predict
+    the whole test split once (with test-time augmentation at `tta_level`), record the test
+    accuracy in `history` and its JSON file, and print it beside the validation accuracy."""
+    best = load_checkpoint(files.best, model)
+    logits, labels = predict_loader(TTA(model, tta_level), test_loader)
+    predictions = logits.argmax(1)
+    test_acc = (predictions == labels).float().mean().item()
+    history.test_acc = test_acc
+    if tta_level:
+        history.info["tta_level"] = tta_level
+    history.to_json(files.history)
+    with_tta = f", test-time augmentation level {tta_level}" if tta_level else ""
+    print(f"epoch {best['epoch']} (validation accuracy {best['val_acc']:.2%}) on {len(labels):,} "
+          f"test images{with_tta}: {test_acc:.2%}")
+    return TestResult(test_acc, predictions, labels, best, tta_level)
+
+
+def show_per_class_accuracy(test: TestResult, classes, save_path=None) -> None:
+    """Section 6: print each class's test accuracy and draw the confusion matrix (saved as a PNG
+    with `save_path`)."""
+    import matplotlib.pyplot as plt
+
+    matrix = confusion_matrix(test.predictions, test.labels, num_classes=len(classes))
+    print_per_class_accuracy(matrix, classes)
+    plot_confusion_matrix(matrix, classes, save_path=save_path)
+    plt.show()
+
+
+def save_and_reload(path, model: nn.Module, fresh_model: nn.Module, test_loader, test: TestResult,
+                    check_images: int = 1000, **meta) -> dict:
+    """Section 8: save `model`'s state_dict with `meta` and the chosen epoch's accuracies, load
+    the file into `fresh_model` (an untrained instance of the same class), assert that every
+    tensor is identical, bit for bit, and so are the predictions on the first `check_images`
+    test images (with test-time augmentation a full pass costs several), and return the
+    checkpoint's metadata."""
+    chosen = dict(tta_level=test.tta_level, epoch=test.best["epoch"], val_acc=test.best["val_acc"],
+                  test_acc=test.test_acc)
+    path = save_checkpoint(path, model, **{**meta, **chosen})
+    loaded = load_checkpoint(path, fresh_model)
+    assert_same_weights(model, fresh_model)
+    reloaded_net, predictions = TTA(fresh_model, test.tta_level).eval(), []
+    with torch.no_grad():
+        for images, _ in test_loader:
+            predictions.append(reloaded_net(images).argmax(1).cpu())
+            if sum(map(len, predictions)) >= check_images:
+                break
+    predictions = torch.cat(predictions)
+    assert torch.equal(predictions, test.predictions[:len(predictions)].cpu()), "the reloaded model predicts differently"
+    print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB) and reloaded it: identical weights, and identical "
+          f"predictions on {len(predictions):,} test images")
+    print(loaded)
+    return loaded
+
+
+def save_example_image(dataset: UInt8ImageDataset, path, index: int = 0) -> tuple[pathlib.Path, str]:
+    """Write image `index` of an in-memory data set as a PNG at `path`, to stand in for a photo
+    of your own; returns the path and the image's true class name."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(dataset.images[index].permute(1, 2, 0).numpy()).save(path)
+    return path, dataset.classes[int(dataset.labels[index])]
+
+
+def predict_new_images(model: nn.Module, meta: dict, image_path, url: str, true_class: str | None = None) -> None:
+    """Section 9: the top-5 classes of a local image file, then of an image on the web (a
+    download that fails prints its reason instead). `meta` is the checkpoint's metadata; the
+    model predicts with the test-time augmentation level it was tested with."""
+    model = TTA(model, meta.get("tta_level") or 0)
+    image = load_image(image_path)
+    caption = f"{pathlib.Path(image_path).name}" + (f" (true class: {true_class})" if true_class else "")
+    show_top_k(image, predict(model, image, meta), caption)
+    try:
+        web_image = load_image(url)
+    except ValueError as err:
+        print("Could not predict from the URL:", err)
+        return
+    show_top_k(web_image, predict(model, web_image, meta), url)
+
+
+# =============================================================================================
 # Results
 # =============================================================================================
 
@@ -1658,7 +1778,7 @@ RESULTS_DIR = REPO_DIR / "results"
 
 def measured_runs(name: str) -> list[dict]:
     """The course's measured runs of notebook `name`: the history JSON files in `results/`
-    (see results/make_table.py), oldest first."""
+    (recorded with tools/make_tables.py), oldest first."""
     files = [json.loads(path.read_text()) for path in sorted(RESULTS_DIR.glob("*.json"))]
     runs = [run for run in files if "epoch" in run and run["info"].get("name") == name]   # histories only
     return sorted(runs, key=lambda run: run["info"]["started"])
@@ -1675,10 +1795,16 @@ def describe_run(run: dict) -> str:
             f"{history.info['note']}")
 
 
-def print_measured_runs(name: str) -> None:
-    """Print the measured runs of notebook `name` (the rows of the README's results table)."""
+def print_measured_runs(name: str, history: History | None = None) -> None:
+    """Print the measured runs of notebook `name` (the rows of the lab book's results table),
+    then, given this run's `history`, one line for it."""
     runs = measured_runs(name)
     for run in runs:
         print(describe_run(run))
     if not runs:
         print(f"no measured run of {name} in {RESULTS_DIR} yet")
+    if history is not None:
+        test = f"test accuracy {history.test_acc:.2%}" if history.test_acc is not None else "test not measured"
+        print(f"this run: {len(history)} epoch(s), validation chose epoch {history.best_epoch} "
+              f"({history.best_val_acc:.2%}), {test}, {sum(history.seconds) / len(history):.0f} s per epoch "
+              f"on {history.info['device']}")

@@ -27,18 +27,19 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from benchmarks import train_loop  # noqa: E402
-from results.make_table import mult_adds  # noqa: E402
+from benchmarks.throughput import mult_adds  # noqa: E402
+from tools import notebook_code  # noqa: E402
 
 TRAIN_IMAGES = 45_000             # one epoch of the course's training split
 REFERENCE_BATCH_SIZE = 128        # CustomCNN.ipynb's BATCH_SIZE
@@ -68,7 +69,7 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
     batches = train_loop.random_batches(reference_batches, REFERENCE_BATCH_SIZE, 32, 10)
     for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
         torch.manual_seed(0)
-        model = train_loop.notebook_network("CustomCNN.ipynb", "MyNet")(num_classes=10)
+        model = notebook_code.network_class("CustomCNN.ipynb", "MyNet")(num_classes=10)
         rate = train_loop.training_images_per_s(model, batches, memory_format, warmup=2)
         reference[layout] = {"images_per_s": rate, "epoch_seconds": TRAIN_IMAGES / rate}
         log(f"CustomCNN, {layout}: {rate:.1f} training images/s over {reference_batches} batches of "
@@ -76,7 +77,7 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
     epoch_seconds = reference["contiguous"]["epoch_seconds"]      # the article's recipe: the targets' unit
     peak = matmul_peak_flops()
     log(f"float32 matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE}): {peak / 1e9:.1f} GFLOP/s")
-    speed_net = train_loop.notebook_network("Speedrun.ipynb", "SpeedNet")
+    speed_net = notebook_code.network_class("Speedrun.ipynb", "SpeedNet")
     networks = {}
     batches = train_loop.random_batches(speedrun_batches, SPEEDRUN_BATCH_SIZE, 32, 10)
     for label, widths in WIDTHS.items():
@@ -99,7 +100,7 @@ def compile_speedup(batches: int, backend: str = "inductor", log=print) -> dict:
     """SpeedNet's training step at the notebook's widths under `torch.compile(backend=...)` against
     the plain step: the seconds of the first two compiled steps (the compilation) and the ratio of
     the steady-state images/s, compiled / plain."""
-    speed_net = train_loop.notebook_network("Speedrun.ipynb", "SpeedNet")
+    speed_net = notebook_code.network_class("Speedrun.ipynb", "SpeedNet")
     data = train_loop.random_batches(batches, SPEEDRUN_BATCH_SIZE, 32, 10)
     torch.manual_seed(0)
     plain_rate = train_loop.training_images_per_s(speed_net(widths=WIDTHS["notebook"]), data, warmup=2)
@@ -115,16 +116,19 @@ def compile_speedup(batches: int, backend: str = "inductor", log=print) -> dict:
 
 
 def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None, log=print) -> dict:
-    """Execute Speedrun.ipynb on `data_dir`; the history it recorded. The executed notebook and
-    its model folder are kept in `work_dir` when given, else in a scratch folder that is removed."""
+    """Execute Speedrun.ipynb with papermill (`EPOCHS` set, the ablation off) on `data_dir`; the
+    history it recorded. The executed notebook and its model folder are kept in `work_dir` when
+    given, else in a scratch folder that is removed."""
+    import papermill
+
     with tempfile.TemporaryDirectory(prefix="speedrun-") as scratch:
         scratch = pathlib.Path(work_dir or scratch)
-        env = {**os.environ, "EPOCHS": str(epochs), "SUBSET": "0", "DATA_DIR": str(data_dir),
-               "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs"), "RUN_ABLATION": "0"}
+        paths = {"DATA_DIR": str(data_dir), "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs")}
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-                        "--ExecutePreprocessor.timeout=-1", "--output-dir", str(scratch),
-                        str(utils.REPO_DIR / "notebooks" / "Speedrun.ipynb")], env=env, check=True)
+        with mock.patch.dict(os.environ, {**paths, "SUBSET": "0"}):   # the settings cell reads the paths from here
+            papermill.execute_notebook(utils.REPO_DIR / "notebooks" / "Speedrun.ipynb", scratch / "Speedrun.ipynb",
+                                       parameters={"EPOCHS": epochs, "RUN_ABLATION": False},
+                                       cwd=utils.REPO_DIR / "notebooks", progress_bar=False)
         log(f"notebook executed in {time.perf_counter() - start:.0f} s (kernel start and every cell)")
         history = json.loads((scratch / "model" / "Speedrun_history.json").read_text())
     return history
@@ -148,7 +152,7 @@ def main(argv=None) -> dict:
                          f"or --force to replace it")
         data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
         utils.load_cifar10(data_dir, subset=1, download=False)   # DataNotFoundError names DATA_DIR
-    measured = {"machine": utils._hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    measured = {"machine": utils.hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "load_average": round(os.getloadavg()[0], 1),
                 **measure_steps(args.reference_batches, args.speedrun_batches)}

@@ -17,7 +17,7 @@
    contiguous memory format against `channels_last` (the model converted with
    `model.to(memory_format=torch.channels_last)`, each batch converted inside the timed step, as
    a training loop fed by a loader would). The networks are not copied here: they are loaded
-   from the notebooks that define them (`NETWORKS`; a later notebook joins with one line there).
+   from the notebooks that define them (`tools/notebook_code.py`, `NETWORKS`).
    The two sides alternate for several rounds, each round from the same initial weights after
    untimed warm-up steps; the ratio (channels_last images/s / contiguous images/s) is the median
    of the per-round ratios, on wall clock, with the CPU-time ratio beside it. No target: reported.
@@ -25,15 +25,10 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import collections
 import copy
-import json
-import math
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -41,42 +36,20 @@ from datetime import datetime, timezone
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from tools.notebook_code import NETWORKS, build_network  # noqa: E402
 
 TRAIN_OVERHEAD_TARGET = 1.03    # utils.train time / minimal loop time, at most
 PER_CLASS_SPEEDUP_TARGET = 10   # per-image loop time / vectorised time, at least
 
 MEASUREMENTS = ("train_loop", "per_class", "channels_last")   # what --only picks from
-NOTEBOOK_DIR = utils.REPO_DIR / "notebooks"
-SECTION_HEADING = re.compile(r"^## (\d+)\.", flags=re.MULTILINE)   # a numbered section's heading
-# Each notebook's network, as its notebook instantiates it (name: notebook file, class defined in
-# it, constructor kwargs, input side in pixels). A new notebook joins the channels_last measurement
-# with one line here, e.g. "LeNet5": ("LeNet5.ipynb", "LeNet5", {"num_classes": 10}, 32).
-NETWORKS = {
-    "CustomCNN": ("CustomCNN.ipynb", "MyNet", {"num_classes": 10}, 32),
-    "AlexNet-32": ("AlexNet-32.ipynb", "AlexNet32", {"num_classes": 10}, 32),
-    "AlexNet-227": ("AlexNet-227.ipynb", "AlexNet", {"num_classes": 10}, 227),
-    "ZFNet": ("ZFNet.ipynb", "ZFNet", {"num_classes": 10}, 224),
-    "AlexNet-Flowers": ("AlexNet-Flowers.ipynb", "AlexNet", {"num_classes": 5, "init_weights": True}, 224),
-    "LeNet5": ("LeNet5.ipynb", "LeNet5", {"num_classes": 10}, 32),
-    "VGG16": ("VGG16.ipynb", "VGG16", {"num_classes": 10}, 32),
-    "ResNet": ("ResNet.ipynb", "ResNet", {"depth": 20, "num_classes": 10}, 32),
-    "Speedrun": ("Speedrun.ipynb", "SpeedNet", {"widths": (32, 128, 128), "num_classes": 10}, 32),
-}
 SMALL_INPUT = 64                # input side up to which a network counts as small (CIFAR-10's 32 px)
 CL_BATCH_SIZE = (128, 16)       # channels_last batch size: small networks, larger ones (< 10 images/s here)
 CL_STEPS = (10, 3)              # timed training steps per side per round: small networks, larger ones
 CL_ROUNDS = 3                   # alternating rounds; the five article networks take about 5 minutes on 2 cores
 CL_WARMUP = 1                   # untimed training steps per side before the rounds
-# What a cell may define, so that the notebook's `net = X(...).to(device)` lines are left out
-# (a literal assignment, such as a VGG configuration list, is kept).
-MODULE_CLASS = re.compile(r"^class \w+\((?:torch\.)?nn\.Module\):", re.MULTILINE)
-NOTEBOOK_GLOBALS = {"torch": torch, "nn": nn, "F": F, "math": math,
-                    "collections": collections, "OrderedDict": collections.OrderedDict}   # ZFNet: OrderedDict
-
 
 class SmallNet(nn.Module):
     """A small CIFAR-10 CNN, so that any per-batch overhead of the loop shows."""
@@ -156,66 +129,6 @@ def seconds_of(function, *args) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def is_definition(node: ast.stmt) -> bool:
-    """A statement that only defines something: a class, a function, an import, or a name bound to
-    a literal. `net = MyNet(num_classes=len(classes)).to(device)` is not one."""
-    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.Import, ast.ImportFrom)):
-        return True
-    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-        try:
-            ast.literal_eval(node.value)
-        except ValueError:
-            return False
-        return True
-    return False
-
-
-def without_magics(source: str) -> str:
-    """A code cell's source with IPython's `!` and `%` lines made inert (they only matter on Colab)."""
-    return re.sub(r"^(\s*)([%!])", r"\1pass  # \2", source, flags=re.MULTILINE)
-
-
-def code_cells_by_section(notebook: pathlib.Path) -> list[tuple[int, int, str]]:
-    """(cell index, section, source with magics made inert) for each code cell of `notebook`; a
-    cell's section is the number of the last `## N.` heading above it, 0 before the first."""
-    cells, section = [], 0
-    for index, cell in enumerate(json.loads(notebook.read_text(encoding="utf-8"))["cells"]):
-        source = "".join(cell["source"])
-        if cell["cell_type"] == "markdown":
-            headings = SECTION_HEADING.findall(source)
-            section = int(headings[-1]) if headings else section
-        else:
-            cells.append((index, section, without_magics(source)))
-    return cells
-
-
-def notebook_namespace(notebook: str | pathlib.Path, cell_filter=None) -> dict:
-    """The definitions (classes, functions, imports, names bound to literals) of `notebook`'s code
-    cells, run in order in a namespace holding torch, nn, F, math and collections. `cell_filter`
-    (a function of a cell's source) picks the cells, all by default; each cell's other statements
-    (instantiation, training, printing) are left out."""
-    path = pathlib.Path(notebook) if pathlib.Path(notebook).is_absolute() else NOTEBOOK_DIR / notebook
-    namespace = dict(NOTEBOOK_GLOBALS)
-    for index, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
-        source = "".join(cell["source"])
-        if cell["cell_type"] != "code" or (cell_filter and not cell_filter(source)):
-            continue
-        source = without_magics(source)
-        tree = ast.parse(source, filename=f"{path.name} cell {index}")
-        tree.body = [node for node in tree.body if is_definition(node)]
-        exec(compile(tree, f"{path.name} cell {index}", "exec"), namespace)
-    return namespace
-
-
-def notebook_network(notebook: str | pathlib.Path, class_name: str) -> type[nn.Module]:
-    """The `nn.Module` subclass `class_name` as `notebook` defines it: the definitions of each code
-    cell that defines a `class ...(nn.Module)` (`notebook_namespace`)."""
-    network = notebook_namespace(notebook, MODULE_CLASS.search).get(class_name)
-    if not (isinstance(network, type) and issubclass(network, nn.Module)):
-        raise LookupError(f"{pathlib.Path(notebook).name} defines no nn.Module named {class_name}")
-    return network
-
-
 def training_steps(model, batches, memory_format) -> tuple[float, float]:
     """(wall-clock, CPU) seconds of one training step per batch: each batch converted to
     `memory_format`, forward, cross-entropy loss, zero_grad, backward, SGD step."""
@@ -261,12 +174,12 @@ def measure_channels_last(networks, rounds: int, batch_size: int | None = None, 
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     results = {}
     for name in networks:
-        notebook, class_name, kwargs, size = NETWORKS[name]
+        notebook, class_name, _, size = NETWORKS[name]
         small = size <= SMALL_INPUT
         batch = batch_size or CL_BATCH_SIZE[0 if small else 1]
         count = steps or CL_STEPS[0 if small else 1]
         torch.manual_seed(0)
-        model = notebook_network(notebook, class_name)(**kwargs)
+        model, _ = build_network(name)
         initial_state = copy.deepcopy(model.state_dict())
         models = {"contiguous": model,
                   "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}

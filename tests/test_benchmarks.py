@@ -59,15 +59,6 @@ def test_train_loop_benchmark_compares_both_loops(data_dir, capsys):
     assert f"({results['per_class_speedup']:,.0f}x faster)" in out
 
 
-def test_notebook_network_loads_the_class_the_notebook_defines():
-    network_class = load_script("train_loop").notebook_network("CustomCNN.ipynb", "MyNet")
-    assert network_class.__name__ == "MyNet"
-    network = network_class(num_classes=10)
-    assert isinstance(network, torch.nn.Module) and utils.count_parameters(network) == 5_499_434
-    with torch.no_grad():
-        assert network.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
 class SlowNet(torch.nn.Module):
     """A linear classifier whose every forward pass takes at least `seconds`."""
 
@@ -172,63 +163,11 @@ def test_speedrun_compile_timing_compares_the_compiled_step_with_the_plain_one(c
     assert "torch.compile (eager)" in capsys.readouterr().out
 
 
-def test_speedrun_ablation_runs_section_10_without_opening_the_test_set(data_dir, tmp_path, monkeypatch):
-    """Section 10's rows and a seed row, one epoch each on generated data: every row is a
-    validation accuracy, the test split is loaded but never used, and no file is ever replaced."""
-    ablation = load_script("speedrun_ablation")
-    sources = "\n".join(ablation.setup_cells())
-    assert "def run_ablation" in sources and "utils.RunFiles" not in sources
-    uses = [line for line in sources.splitlines() if "test_" in line.replace("len(test_set)", "")]
-    assert len(uses) == 1 and "load_cifar10" in uses[0]      # the test split is loaded and counted, never used
-    monkeypatch.setenv("DATA_DIR", str(data_dir))
-    monkeypatch.setenv("SUBSET", "40")
-    output = tmp_path / "ablation.json"
-    rows = ablation.main(["--epochs", "1", "--output", str(output)])["rows"]
-    notebook_rows = ablation.notebook_setup()["ABLATION_ROWS"]
-    assert [row["row"] for row in rows] == [label for label, _ in notebook_rows]
-    assert all(0 <= row["val_acc"] <= 1 and row["seconds"] > 0 for row in rows)
-    assert json.loads(output.read_text())["rows"] == json.loads(json.dumps(rows))
-    seeds = ablation.main(["--epochs", "1", "--seeds", "1", "2", "--output", str(tmp_path / "seeds.json")])
-    assert [row["seed"] for row in seeds["rows"]] == [1, 2] and "val_acc_std" in seeds
-    with pytest.raises(SystemExit):
-        ablation.main(["--epochs", "1", "--output", str(output)])
-    assert json.loads(output.read_text())["rows"] == json.loads(json.dumps(rows))
-
-
-def test_resnet_run_reads_settings_as_literals_and_refuses_bad_ones():
-    resnet_run = load_script("resnet_run")
-    assert resnet_run.parse_settings(["CUTOUT=0", "LABEL_SMOOTHING=0.05", "NAME=Long"]) == \
-        {"CUTOUT": 0, "LABEL_SMOOTHING": 0.05, "NAME": "Long"}
-    for bad in ("CUTOUT", "cutout=0", "=3"):
-        with pytest.raises(SystemExit, match="NAME=VALUE"):
-            resnet_run.parse_settings([bad])
-
-
-def test_resnet_run_trains_the_notebook_in_bfloat16_and_opens_the_test_set_only_when_asked(
-        data_dir, tmp_path, monkeypatch):
-    """One epoch of ResNet.ipynb's own cells on generated data: the settings given replace the
-    notebook's, utils.train gets amp=True (and is itself again afterwards), the validation split
-    chooses the TTA level, and only TEST=1 reads the test set."""
-    resnet_run = load_script("resnet_run")
-    for name, value in dict(DATA_DIR=data_dir, MODEL_DIR=tmp_path / "model", RUNS_DIR=tmp_path / "runs",
-                            EPOCHS=1, SUBSET=40).items():
-        monkeypatch.setenv(name, str(value))
-    train = utils.train
-    calls = []
-
-    def recorded_train(*args, **kwargs):
-        calls.append(kwargs)
-        return train(*args, **kwargs)
-
-    monkeypatch.setattr(utils, "train", recorded_train)
-    namespace = resnet_run.main(["--name", "Tiny", "--set", "CUTOUT=0", "TTA_LEVELS=(0, 1)"])
-    assert [call["amp"] for call in calls] == [True] and calls[0]["files"].best.name == "Tiny_best.pth"
-    assert namespace["CUTOUT"] == 0 and namespace["EPOCHS"] == 1 and not namespace["RESUME"]
-    assert set(namespace["val_acc_by_level"]) == {0, 1} and "test_acc" not in namespace
-    assert utils.train is recorded_train                                    # put back after the run
-    with pytest.raises(SystemExit, match="NOT_A_SETTING"):
-        resnet_run.main(["--name", "Tiny", "--set", "NOT_A_SETTING=1"])
-    monkeypatch.setenv("TEST", "1")
-    monkeypatch.setenv("RESUME", "1")                  # the finished epoch is resumed, not retrained
-    namespace = resnet_run.main(["--name", "Tiny", "--set", "CUTOUT=0", "TTA_LEVELS=(0, 1)"])
-    assert namespace["RESUME"] and len(namespace["history"]) == 1 and 0 <= namespace["test_acc"] <= 1
+def test_notebook_times_runs_a_notebook_as_quick_mode_does(tmp_path):
+    output = tmp_path / "times.json"
+    measured = load_script("notebook_times").main(["LeNet5", "--output", str(output)])
+    assert json.loads(output.read_text()) == measured
+    lenet = measured["notebooks"]["LeNet5"]
+    assert lenet["seconds"] > 0 and 0 <= lenet["test_acc"] <= 1
+    from tests.quickmode import QUICK_RUNS
+    assert lenet["epochs"] == QUICK_RUNS["LeNet5"][0]

@@ -1,13 +1,15 @@
-"""The README's side-by-side comparison (results/make_table.py): one row per notebook, measured
-figures only, "not measured" everywhere else; the figure; and the `measure` subcommand."""
+"""The generated tables (tools/make_tables.py): the lab book's side-by-side comparison (one row per
+notebook, measured figures only, "not measured" everywhere else), the README's course map, the
+figure, recording a run; and benchmarks/throughput.py, which measures what the comparison shows."""
 import json
 import shutil
 
 import pytest
 
 import utils
-from results import make_table
-from tests.test_notebooks import FIGURE, REFERENCE_FIGURES
+from benchmarks import throughput
+from tests.test_readmes import FIGURE
+from tools import make_tables as make_table
 
 
 def fake_run(name: str, val_acc: list[float], test_acc: float | None, full_recipe: bool, started: str) -> dict:
@@ -28,13 +30,16 @@ FAKE_THROUGHPUT = {
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
-    """An empty results/ and a copy of the README, in place of the repository's."""
+    """An empty results/ and copies of the README and the lab book, in place of the repository's."""
     results = tmp_path / "results"
     results.mkdir()
-    readme = tmp_path / "README.md"
+    readme, lab_book = tmp_path / "README.md", results / "README.md"
     shutil.copyfile(make_table.README, readme)
+    shutil.copyfile(make_table.LAB_BOOK, lab_book)
+    monkeypatch.setattr(make_table, "REPO", tmp_path)
     monkeypatch.setattr(make_table, "RESULTS", results)
     monkeypatch.setattr(make_table, "README", readme)
+    monkeypatch.setattr(make_table, "LAB_BOOK", lab_book)
     monkeypatch.setattr(utils, "RESULTS_DIR", results)
     return results
 
@@ -62,8 +67,7 @@ def test_one_row_per_notebook_measured_figures_only(results_dir):
     assert rows["LeNet5"][5].startswith("3 epochs x 40 s on CPU, 2 cores (x86_64)")
     for name in set(make_table.NOTEBOOK_ORDER) - {"LeNet5"}:
         assert rows[name] == [make_table.NOT_MEASURED] * 6, name
-    text = "\n".join(lines)
-    assert set(FIGURE.findall(text)) == {"63.12", "61.87"} and not set(FIGURE.findall(text)) & REFERENCE_FIGURES
+    assert set(FIGURE.findall("\n".join(lines))) == {"63.12", "61.87"}
 
 
 def test_without_throughput_every_size_and_speed_says_not_measured(results_dir):
@@ -83,8 +87,10 @@ def test_write_all_fills_the_readme_and_draws_the_figure(results_dir):
     write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
     write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)
     make_table.write_all()
-    assert make_table.comparison_in_readme() == make_table.comparison()
-    assert make_table.table_in_readme() == make_table.rows()
+    assert make_table.stale_sections() == []
+    assert make_table.section_in(make_table.LAB_BOOK, make_table.START, make_table.END) == make_table.rows()
+    course_map = make_table.section_in(make_table.README, make_table.MAP_START, make_table.MAP_END)
+    assert course_map == make_table.course_map() and "| 61.87% |" in course_map[3]   # LeNet5, the second notebook
     png = (results_dir / make_table.FIGURE).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
@@ -116,7 +122,7 @@ def test_figure_without_any_measured_run(results_dir, monkeypatch):
 
 def test_measure_writes_throughput_with_exact_parameters(tmp_path):
     path = tmp_path / "throughput.json"
-    make_table.main(["measure", "--networks", "LeNet5", "--batch-size", "2", "--steps", "1",
+    throughput.main(["--networks", "LeNet5", "--batch-size", "2", "--steps", "1",
                      "--rounds", "1", "--warmup", "1", "--output", str(path)])
     measured = json.loads(path.read_text())
     assert measured["machine"] and measured["threads"] >= 1 and measured["torch"]
@@ -126,8 +132,8 @@ def test_measure_writes_throughput_with_exact_parameters(tmp_path):
     assert lenet["images_per_s"] > 0 and lenet["batch_size"] == 2 and lenet["input_size"] == 32
 
 
-def test_readme_comparison_is_generated_from_results():
-    assert make_table.comparison_in_readme() == make_table.comparison(), "run: python results/make_table.py"
+def test_every_generated_table_matches_results():
+    assert make_table.stale_sections() == [], "run: python tools/make_tables.py"
 
 
 def test_add_never_overwrites_a_recorded_run(results_dir, tmp_path):
@@ -146,13 +152,30 @@ def test_a_missing_plot_adds_nothing(results_dir, tmp_path):
     write(history, fake_run("LeNet5", [0.5, 0.6], 0.59, True, "2026-11-24T01:15:02+00:00"))
     with pytest.raises(SystemExit, match="no such plot"):
         make_table.add(history, "LeNet5", "first", True, tmp_path / "typo.png")
-    assert list(results_dir.iterdir()) == []                 # so the corrected command still works
+    assert list(results_dir.glob("*.json")) == []           # so the corrected command still works
     assert make_table.add(history, "LeNet5", "first", True, None).exists()
 
 
-def test_measuring_some_networks_never_replaces_the_whole_throughput_file(results_dir):
+def test_measuring_some_networks_never_replaces_the_whole_throughput_file(results_dir, monkeypatch):
     recorded = results_dir / make_table.THROUGHPUT
+    monkeypatch.setattr(throughput, "OUTPUT", recorded)
     write(recorded, {"networks": {"LeNet5": {}, "VGG16": {}}})
     with pytest.raises(SystemExit, match="would drop the other networks"):
-        make_table.main(["measure", "--networks", "LeNet5"])
+        throughput.main(["--networks", "LeNet5", "--output", str(recorded)])
     assert json.loads(recorded.read_text()) == {"networks": {"LeNet5": {}, "VGG16": {}}}
+
+
+def test_the_course_map_lists_every_notebook_in_order_with_what_was_measured(results_dir):
+    write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
+    write(results_dir / "VGG16-short.json", fake_run("VGG16", [0.7], 0.69, False, "2026-11-21T10:00"))
+    write(results_dir / make_table.NOTEBOOK_TIMES, {"machine": "CPU, 2 cores (x86_64)", "date": "2026-12-04",
+                                                    "notebooks": {"LeNet5": {"seconds": 14.6}, "ZFNet": {"seconds": 250}}})
+    rows = table_rows(make_table.course_map())
+    assert [int(number) for number in rows] == list(range(1, len(make_table.NOTEBOOK_ORDER) + 1))
+    assert [cells[0] for cells in rows.values()] == [f"[{name}](notebooks/{name}.ipynb)"
+                                                     for name in make_table.NOTEBOOK_ORDER]
+    by_name = {name: cells for name, cells in zip(make_table.NOTEBOOK_ORDER, rows.values())}
+    assert by_name["LeNet5"][2:] == ["15 s", "80 s", "61.87%"]             # 2 epochs x 40 s, the full recipe's test
+    assert by_name["ZFNet"][2:] == ["4 min", "GPU recipe, not measured", "not measured"]
+    assert by_name["VGG16"][2:] == ["not measured"] * 3                    # a short run is not the full recipe
+    assert "start here" in by_name["CustomCNN"][1]

@@ -148,9 +148,9 @@ def test_manifest_records_size_time_and_hash_of_every_file(tmp_path):
 
 @pytest.fixture
 def hash_counter(monkeypatch):
-    """The files `utils` hashes, by name (through `_file_record` or `hashlib.sha256`)."""
+    """The files `utils` hashes, by name (through `file_record` or `hashlib.sha256`)."""
     hashed = []
-    real_record, real_sha256 = utils._file_record, hashlib.sha256
+    real_record, real_sha256 = utils.file_record, hashlib.sha256
 
     def counting_record(path):
         hashed.append(pathlib.Path(path).name)
@@ -160,7 +160,7 @@ def hash_counter(monkeypatch):
         hashed.append("sha256")
         return real_sha256(*args, **kwargs)
 
-    monkeypatch.setattr(utils, "_file_record", counting_record)
+    monkeypatch.setattr(utils, "file_record", counting_record)
     monkeypatch.setattr(utils.hashlib, "sha256", counting_sha256)
     return hashed
 

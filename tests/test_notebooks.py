@@ -1,6 +1,9 @@
-"""Every notebook: committed without outputs, the course's sections in order, quick-mode settings.
+"""Every notebook's structure: committed without outputs, the course's sections in order, a
+`parameters` cell of plain settings, the Colab cell pinned to the course's release, and the
+evaluation protocol (the test split untouched before section 5, evaluation loaders unshuffled).
 
-(nbval executes the notebooks themselves: `make test` passes `notebooks/` to pytest.)
+nbval executes the notebooks themselves (`make test` passes `notebooks/` to pytest), and
+tests/quickmode.py checks that each one learns; tests/test_readmes.py checks their prose.
 """
 import json
 import pathlib
@@ -14,6 +17,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SECTIONS = ["Setup", "Data", "Network", "Loss function and optimizer", "Training", "Test accuracy",
             "Per-class accuracy", "Sample predictions", "Save the model", "Predict new images"]
 EXPECTED = {"CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers", "LeNet5", "VGG16", "ResNet", "Speedrun"}
+# What every notebook's parameters cell must let papermill and the environment set.
+SETTINGS = {"EPOCHS", "SUBSET", "DATA_DIR", "MODEL_DIR", "RUNS_DIR", "PREDICT_URL", "RESUME", "AMP", "SEED", "NAME"}
 
 
 def cells(path):
@@ -30,11 +35,9 @@ def headings(path):
 
 
 def test_the_course_has_its_notebooks():
-    from results import make_table
+    from tools import make_tables
     assert NOTEBOOKS, "no notebooks found"
-    assert {p.stem for p in NOTEBOOKS} == EXPECTED == set(make_table.NOTEBOOK_ORDER)
-    readme = (ROOT / "README.md").read_text()
-    assert all(f"(notebooks/{name}.ipynb)" in readme for name in EXPECTED), "the README lists every notebook"
+    assert {p.stem for p in NOTEBOOKS} == EXPECTED == set(make_tables.NOTEBOOK_ORDER)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -67,12 +70,62 @@ def test_sections_in_order_and_summary_last(path):
     assert found[-1] == "Summary"
 
 
+def parameters_cell(path) -> dict:
+    tagged = [c for c in cells(path) if "parameters" in c["metadata"].get("tags", [])]
+    assert len(tagged) == 1, f"{len(tagged)} cells tagged parameters"
+    return tagged[0]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_settings_follow_the_environment_and_utils_is_shared(path):
+def test_one_parameters_cell_of_plain_settings_in_section_0(path):
+    """papermill injects its -p values after the cell tagged `parameters`: the cell must hold
+    only settings (one name, one value, each), and nothing may read a setting before it."""
+    import ast
+
+    cell = parameters_cell(path)
+    assert cell in section_cells(path, 0), "the parameters cell belongs to section 0"
+    tree = ast.parse(source(cell))
+    assert all(isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+               for node in tree.body), "the parameters cell holds only NAME = value lines"
+    names = {node.targets[0].id for node in tree.body}
+    assert SETTINGS <= names, f"missing settings: {sorted(SETTINGS - names)}"
+    assert all(name.isupper() for name in names), "settings are named in capitals"
+    earlier = "\n".join(source(c) for c in cells(path)[:cells(path).index(cell)] if c["cell_type"] == "code")
+    assert not set(re.findall(r"\b[A-Z][A-Z_]+\b", earlier)) & names, "a setting used before its cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_setting(path, caplog):
+    """`papermill --help-notebook` lists each setting with its comment; a line it cannot parse
+    (a comment holding "=" confuses it) is logged and left out."""
+    import ast
+
+    import papermill
+
+    inferred = papermill.inspect_notebook(str(path))
+    names = {node.targets[0].id for node in ast.parse(source(parameters_cell(path))).body}
+    assert set(inferred) == names and "Unable to parse" not in caplog.text
+    assert all(inferred[name]["help"] for name in names), "every setting says what it is in a comment"
+
+
+def colab_release(path) -> str:
     code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
-    for variable in ("EPOCHS", "SUBSET", "DATA_DIR", "PREDICT_URL", "MODEL_DIR"):
-        assert re.search(rf'{variable} = utils\.env_\w+\("{variable}"', code), variable
-    assert "import utils" in code and "REPO_URL" in code
+    found = re.findall(r"git clone .*--branch (\S+)", code)
+    assert len(found) == 1, "the Colab cell clones the course at one pinned release"
+    return found[0]
+
+
+def test_every_colab_cell_and_the_readme_pin_one_release():
+    releases = {colab_release(path) for path in NOTEBOOKS}
+    assert len(releases) == 1, f"the notebooks pin different releases: {sorted(releases)}"
+    readme = (ROOT / "README.md").read_text()
+    assert f"/blob/{releases.pop()}/notebooks/" in readme, "the README's Colab link opens the same release"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_source_article_bug_returns(path):
+    code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
+    assert "import utils" in code
     assert "torch.load(" not in code, "load checkpoints with utils.load_checkpoint (weights_only)"
     assert ".next()" not in code and "transforms.Scale" not in code
 
@@ -126,28 +179,16 @@ def test_the_protocol_check_catches_an_early_use():
     assert early_test_uses("test_loader = utils.make_loader(test_set, 8)\nprint(len(test_set))") == []
 
 
-def section_code(path, number):
-    """The code cells of section `number`, from its '## n.' heading to the next '## ' heading."""
-    code, inside = [], False
+def section_cells(path, number) -> list[dict]:
+    """The cells of section `number`, from its '## n.' heading to the next '## ' heading."""
+    found, inside = [], False
     for cell in cells(path):
         if cell["cell_type"] == "markdown":
             for heading in re.findall(r"^## (.+?)\s*$", source(cell), re.M):
                 inside = heading.startswith(f"{number}. ")
-        elif inside:
-            code.append(source(cell))
-    return "\n".join(code)
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_training_chooses_on_validation_and_can_resume(path):
-    code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
-    assert re.search(r"utils\.train\(\w+, train_loader, val_loader,", code)
-    assert re.search(r"RESUME = False +# ", code) and "resume=RESUME" in code
-    section_5 = section_code(path, 5)
-    best = section_5.find("utils.load_checkpoint(files.best")
-    first_test = re.search(r"predict_loader\(\w+, test_loader\)", section_5)
-    assert best != -1 and first_test and best < first_test.start(), \
-        "section 5 loads the checkpoint validation chose, then tests it"
+        if inside:
+            found.append(cell)
+    return found
 
 
 def make_loader_calls(path):
@@ -169,60 +210,3 @@ def test_validation_and_test_loaders_are_never_shuffled(path):
     evaluation = [(data, shuffle) for data, shuffle in make_loader_calls(path) if re.search(r"val|test", data)]
     assert evaluation, "the notebook builds its validation and test loaders with utils.make_loader"
     assert all(shuffle == "False" for _, shuffle in evaluation), evaluation
-
-
-# ---- figures in prose come from results/ ---------------------------------------------------------
-
-# Figures the course cites but did not measure, each labelled as a reference where it appears:
-# the source articles (CustomCNN 79.43 and 50.54 after one epoch, AlexNet-32 60.80, ZFNet 73.95),
-# the original series (LeNet-5 59.31, VGG-16 81.81), kuangliu/pytorch-cifar (VGG-16 92.64),
-# He et al. 2015 (ResNet-20/56/110: 91.25, 93.03, 93.39), airbench94 (94.01), hlb-CIFAR10 (94.05).
-REFERENCE_FIGURES = {"79.43", "50.54", "60.80", "73.95", "59.31", "81.81", "92.64", "91.25", "93.03",
-                     "93.39", "94.01", "94.05"}
-FIGURE = re.compile(r"\b(\d{1,3}\.\d{2}) ?%")
-ROUNDED_FIGURE = re.compile(r"\b(\d{1,3}\.\d) ?%")   # a figure rounded to one decimal
-
-
-def measured_figures() -> set[str]:
-    import utils
-    from results import make_table
-    figures = set()
-    for name in make_table.NOTEBOOK_ORDER:
-        for run in utils.measured_runs(name):
-            figures |= {f"{100 * a:.2f}" for a in run["val_acc"]}
-            if run.get("test_acc") is not None:
-                figures.add(f"{100 * run['test_acc']:.2f}")
-            for key, value in run["info"].items():      # e.g. val_acc_by_tta_level, test_acc_without_tta
-                if key.startswith(("val_acc", "test_acc")):
-                    values = value.values() if isinstance(value, dict) else [value]
-                    figures |= {f"{100 * a:.2f}" for a in values}
-    for path in (ROOT / "results").glob("*-ablation.json"):             # Speedrun.ipynb's section 10
-        figures |= {f"{100 * row['val_acc']:.2f}" for row in json.loads(path.read_text())["rows"]}
-    return figures
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_prose_quotes_no_measured_figure(path):
-    """The course's own figures are printed from results/ (utils.print_measured_runs), never
-    typed into prose, so they cannot drift; prose may cite reference figures only."""
-    prose = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
-    assert set(FIGURE.findall(prose)) <= REFERENCE_FIGURES
-    rounded = {f"{float(figure):.1f}" for figure in measured_figures() - REFERENCE_FIGURES}
-    references = {f"{float(figure):.1f}" for figure in REFERENCE_FIGURES}
-    assert not set(ROUNDED_FIGURE.findall(prose)) & (rounded - references)
-    code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
-    assert f'utils.print_measured_runs(NAME)' in code and f'NAME = "{path.stem}"' in code
-
-
-def test_readme_table_is_generated_from_results_and_figures_agree():
-    from results import make_table
-    assert make_table.table_in_readme() == make_table.rows(), "run: python results/make_table.py"
-    readme = (ROOT / "README.md").read_text()
-    outside_table = readme.split(make_table.START)[0] + readme.split(make_table.END)[1]
-    assert set(FIGURE.findall(outside_table)) <= REFERENCE_FIGURES | measured_figures()
-
-
-def test_results_carry_no_machine_paths():
-    for path in (ROOT / "results").glob("*.json"):
-        text = path.read_text()
-        assert "/tmp/" not in text and "/home/" not in text and "/work/" not in text, path.name

@@ -164,12 +164,12 @@ def test_saving_over_a_file_keeps_the_old_one_as_a_backup(tmp_path):
 
 def test_atomic_write_writes_bytes_and_leaves_nothing_on_failure(tmp_path):
     path = tmp_path / "sub" / "file.bin"
-    utils._atomic_write(path, b"first")
+    utils.atomic_write(path, b"first")
     assert path.read_bytes() == b"first"
-    utils._atomic_write(path, b"second")
+    utils.atomic_write(path, b"second")
     assert path.read_bytes() == b"second"
     with pytest.raises(TypeError):
-        utils._atomic_write(path, "a str, not bytes")
+        utils.atomic_write(path, "a str, not bytes")
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["file.bin"]   # no temporary file left
 

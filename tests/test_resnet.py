@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import utils
-from benchmarks import train_loop
+from tools import notebook_code
 
-RESNET = train_loop.notebook_namespace("ResNet.ipynb")
+RESNET = notebook_code.definitions("ResNet.ipynb")
 
 
 @pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import train_loop
+from tools import notebook_code
 
-SPEEDRUN = train_loop.notebook_namespace("Speedrun.ipynb")
+SPEEDRUN = notebook_code.definitions("Speedrun.ipynb")
 
 
 def uint8_images(count: int, seed: int = 0) -> torch.Tensor:

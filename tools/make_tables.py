@@ -1,47 +1,56 @@
-"""The README's results: the results table and the side-by-side comparison, generated from results/.
+"""The course's tables, generated from results/: the course map in README.md, the results table
+and the side-by-side comparison in the lab book (results/README.md), and results/comparison.png.
 
 Each run is a training history JSON written by `utils.train` (beside its checkpoint, with the
 test accuracy the notebook measured once, in section 5, on the epoch validation chose), copied
-here with `add`, which also records what the run was (a note, whether it followed the
+into results/ with `add`, which also records what the run was (a note, whether it followed the
 notebook's full recipe) and copies its plot. Only measured runs become rows; a notebook
-without a full-recipe run gets a row that says so.
+without a full-recipe run gets a row that says so. The comparison also reads
+results/throughput.json (benchmarks/throughput.py) and the course map results/notebook-times.json
+(benchmarks/notebook_times.py); whatever is not measured says so.
 
-`measure` writes results/throughput.json: each notebook's network (loaded from its notebook, as
-benchmarks/train_loop.py does), its parameters, its multiply-adds per image (torchinfo) and its
-training images/s on this machine's CPU, with the settings `utils.train` uses there (channels_last).
-The comparison table and results/comparison.png put these beside each notebook's measured run;
-whatever is not measured says so.
-
-    python results/make_table.py add model/AlexNet-32_history.json --name AlexNet-32 \
+    python tools/make_tables.py add model/AlexNet-32_history.json --name AlexNet-32 \
         --note "full recipe: 20 epochs" --full-recipe --plot model/AlexNet-32_history.png
-    python results/make_table.py measure    # about 3 to 5 minutes on 2 cores; --help for options
-    python results/make_table.py            # rewrite both tables in README.md and the figure
+    python tools/make_tables.py            # rewrite every generated table and the figure
 """
 import argparse
 import json
 import math
-import os
 import pathlib
 import shutil
 import sys
-from datetime import datetime, timezone
 
-import torch
-import torchinfo
 from matplotlib.figure import Figure
 
-RESULTS = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(RESULTS.parent))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from benchmarks import train_loop  # noqa: E402
 
-README = RESULTS.parent / "README.md"
-THROUGHPUT = "throughput.json"          # in RESULTS, written by `measure`
-FIGURE = "comparison.png"               # in RESULTS, written with the tables
+RESULTS = REPO / "results"
+README = REPO / "README.md"                 # the course map
+LAB_BOOK = RESULTS / "README.md"            # the results table and the comparison
+THROUGHPUT = "throughput.json"              # in RESULTS, written by benchmarks/throughput.py
+NOTEBOOK_TIMES = "notebook-times.json"      # in RESULTS, written by benchmarks/notebook_times.py
+FIGURE = "comparison.png"                   # in RESULTS, written with the tables
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMPARISON_START, COMPARISON_END = "<!-- comparison:start -->", "<!-- comparison:end -->"
+MAP_START, MAP_END = "<!-- course-map:start -->", "<!-- course-map:end -->"
+QUICK_START, QUICK_END = "<!-- quick-mode:start -->", "<!-- quick-mode:end -->"
 OTHER_DATA_SETS = {"AlexNet-Flowers": "flower_photos, 5 classes"}   # every other notebook: CIFAR-10
-NOTEBOOK_ORDER = ["CustomCNN", "LeNet5", "AlexNet-32", "AlexNet-227", "ZFNet", "VGG16", "ResNet", "Speedrun", "AlexNet-Flowers"]
+# The course in reading order, each notebook with the one thing it teaches.
+LESSONS = {
+    "CustomCNN": "**start here**: the whole workflow written out, from data to predicting your own photo",
+    "LeNet5": "where CNNs started: convolution, pooling, weight sharing",
+    "AlexNet-32": "AlexNet's ideas shrunk to 32x32 images, and what a tiny network cannot learn",
+    "AlexNet-227": "AlexNet at full size: LocalResponseNorm, dropout, Adam with a step schedule, upscaling on the device",
+    "ZFNet": "seeing inside a network: a smaller first stride, switches and the deconvnet",
+    "VGG16": "depth from stacked 3x3 convolutions, BatchNorm and a one-cycle schedule",
+    "ResNet": "residual connections: why a plain deep network trains worse, and how shortcuts fix it",
+    "Speedrun": "the modern recipe, one measured trick at a time: fewer epochs for the same accuracy",
+    "AlexNet-Flowers": "real photos of any size: your own data set, a train/val/test split, weight initialisation",
+}
+NOTEBOOK_ORDER = list(LESSONS)
+GPU_RECIPES = {"AlexNet-227", "ZFNet"}      # full recipes that take days on a 2-core CPU: measured on a GPU only
 HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test accuracy (once) "
           "| seconds per epoch | hardware | date |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -95,45 +104,6 @@ def rows() -> list[str]:
     return lines
 
 
-# ---- measure: parameters, multiply-adds and training images/s of every network ---------------
-
-def mult_adds(model: torch.nn.Module, size: int) -> int:
-    """Multiply-adds of one forward pass of one size x size image, as torchinfo counts them."""
-    return torchinfo.summary(model, input_size=(1, 3, size, size), verbose=0, device="cpu").total_mult_adds
-
-
-def measure_network(name: str, batch_size: int | None, steps: int | None, rounds: int, warmup: int) -> dict:
-    notebook, class_name, kwargs, size = train_loop.NETWORKS[name]
-    small = size <= train_loop.SMALL_INPUT
-    batch_size = batch_size or train_loop.CL_BATCH_SIZE[0 if small else 1]
-    steps = steps or MEASURE_STEPS[0 if small else 1]
-    torch.manual_seed(0)
-    model = train_loop.notebook_network(notebook, class_name)(**kwargs)
-    row = {"parameters": utils.count_parameters(model), "mult_adds": mult_adds(model, size),
-           "input_size": size, "batch_size": batch_size, "steps": steps}
-    batches = train_loop.random_batches(steps, batch_size, size, kwargs["num_classes"])
-    row["images_per_s"] = train_loop.training_images_per_s(model, batches, rounds=rounds, warmup=warmup)
-    print(f"{name}: {row['parameters']:,} parameters, {row['mult_adds']:,} multiply-adds per image, "
-          f"{row['images_per_s']:,.1f} training images/s (batch {batch_size} x {steps} steps)")
-    return row
-
-
-def measure(networks, batch_size: int | None = None, steps: int | None = None, rounds: int = MEASURE_ROUNDS,
-            warmup: int = train_loop.CL_WARMUP, threads: int = 0, path: pathlib.Path | None = None) -> dict:
-    """Measure `networks` (names of train_loop.NETWORKS) and write them to `path` (results/throughput.json)."""
-    if threads:
-        torch.set_num_threads(threads)
-    measured = {
-        "machine": utils._hardware() if not torch.cuda.is_available() else utils._hardware() + " (timed on its CPU)",
-        "torch": torch.__version__, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}",
-        "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 1),
-        "rounds": rounds, "warmup": warmup, "memory_format": "channels_last",
-        "networks": {name: measure_network(name, batch_size, steps, rounds, warmup) for name in networks}}
-    path = path or RESULTS / THROUGHPUT
-    path.write_text(json.dumps(measured, indent=1) + "\n")
-    return measured
-
-
 # ---- the comparison: one row per notebook, and the figure -----------------------------------
 
 def throughput() -> dict:
@@ -181,7 +151,7 @@ def comparison() -> list[str]:
         cells = network_cells(measured["networks"].get(name)) + run_cells(chosen_run(name))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if measured["networks"]:
-        lines += ["", f"Training images/s: `make_table.py measure` on {measured['date']}, torch {measured['torch']}, "
+        lines += ["", f"Training images/s: `benchmarks/throughput.py` on {measured['date']}, torch {measured['torch']}, "
                       f"{measured['threads']} thread(s), load average {measured['load_average']}: training steps "
                       f"on random input in channels_last, median of {measured['rounds']} rounds."]
     return lines
@@ -231,39 +201,94 @@ def write_figure(path: pathlib.Path | None = None) -> pathlib.Path:
     return path
 
 
-# ---- README.md --------------------------------------------------------------------------------
+# ---- the course map ---------------------------------------------------------------------------
 
-def section_in_readme(start: str, end: str) -> list[str]:
-    text = README.read_text()
+def minutes(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.0f} min"
+
+
+def course_map() -> list[str]:
+    """One row per notebook in reading order: its lesson, its CPU time in quick mode (the whole
+    notebook, from notebook-times.json) and for its full recipe (the training time of its full-recipe
+    run), and that run's test accuracy."""
+    path = RESULTS / NOTEBOOK_TIMES
+    times = json.loads(path.read_text()) if path.exists() else {"notebooks": {}}
+    lines = ["| # | notebook | what it teaches | CPU time, quick mode | CPU time, full recipe | test accuracy |",
+             "| ---: | --- | --- | ---: | ---: | ---: |"]
+    for number, name in enumerate(NOTEBOOK_ORDER, 1):
+        quick = times["notebooks"].get(name)
+        quick = minutes(quick["seconds"]) if quick else NOT_MEASURED
+        runs = [run for run in utils.measured_runs(name) if run["info"].get("full_recipe")]
+        run = max(runs, key=lambda run: max(run["val_acc"]), default=None)
+        if run is None or run.get("test_acc") is None:
+            full = f"GPU recipe, {NOT_MEASURED}" if name in GPU_RECIPES else NOT_MEASURED
+            test = NOT_MEASURED
+        else:
+            full, test = minutes(sum(run["seconds"])), f"{run['test_acc']:.2%}"
+        lines.append(f"| {number} | [{name}](notebooks/{name}.ipynb) | {LESSONS[name]} | {quick} | {full} | {test} |")
+    if times["notebooks"]:
+        lines += ["", f"CPU times on {times['machine']}: quick mode is the whole notebook on generated data "
+                      f"(`benchmarks/notebook_times.py`, {times['date']}); the full recipe is the training time of "
+                      f"its measured run, whose test accuracy is that of the epoch the validation chose, read once."]
+    return lines
+
+
+def quick_mode() -> list[str]:
+    """The quick runs the test suite makes of each notebook, as benchmarks/notebook_times.py timed them."""
+    path = RESULTS / NOTEBOOK_TIMES
+    if not path.exists():
+        return [f"Quick mode: {NOT_MEASURED} (run benchmarks/notebook_times.py)."]
+    times = json.loads(path.read_text())
+    lines = ["| notebook | EPOCHS | SUBSET | training images | other settings | seconds, whole notebook "
+             "| test accuracy on the generated data |", "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for name in NOTEBOOK_ORDER:
+        run = times["notebooks"].get(name)
+        if run is None:
+            lines.append(f"| {name} | | | | | {NOT_MEASURED} | {NOT_MEASURED} |")
+            continue
+        settings = ", ".join(f"`{key} = {value}`" for key, value in run["settings"].items()) or "-"
+        lines.append(f"| {name} | {run['epochs']} | {run['subset']} | {run['train_images']} | {settings} "
+                     f"| {run['seconds']:.0f} | {run['test_acc']:.2%} |")
+    total = sum(run["seconds"] for run in times["notebooks"].values())
+    lines += ["", f"Measured with `benchmarks/notebook_times.py` on {times['machine']}, {times['date']}, torch "
+                  f"{times['torch']}: {total:.0f} s for all notebooks."]
+    return lines
+
+
+# ---- README.md and the lab book ----------------------------------------------------------------
+
+def section_in(path: pathlib.Path, start: str, end: str) -> list[str]:
+    text = path.read_text()
     if start not in text or end not in text:
-        sys.exit(f"{README} lacks the markers {start} and {end}")
+        sys.exit(f"{path} lacks the markers {start} and {end}")
     return text.split(start, 1)[1].split(end, 1)[0].strip().splitlines()
 
 
-def table_in_readme() -> list[str]:
-    return section_in_readme(START, END)
-
-
-def comparison_in_readme() -> list[str]:
-    return section_in_readme(COMPARISON_START, COMPARISON_END)
-
-
-def write_section(start: str, end: str, lines: list[str]) -> None:
-    section_in_readme(start, end)                       # exits when the markers are missing
-    text = README.read_text()
-    head, rest = text.split(start, 1)
+def write_section(path: pathlib.Path, start: str, end: str, lines: list[str]) -> None:
+    section_in(path, start, end)                        # exits when the markers are missing
+    head, rest = path.read_text().split(start, 1)
     _, tail = rest.split(end, 1)
-    README.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
+    path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
 
 
-def write_table() -> None:
-    write_section(START, END, rows())
+def generated() -> dict:
+    """What each marked section of README.md and the lab book holds: (file, start, end) -> maker."""
+    return {(README, MAP_START, MAP_END): course_map,
+            (LAB_BOOK, START, END): rows,
+            (LAB_BOOK, QUICK_START, QUICK_END): quick_mode,
+            (LAB_BOOK, COMPARISON_START, COMPARISON_END): comparison}
+
+
+def stale_sections() -> list[str]:
+    """The generated sections whose text differs from what results/ gives now."""
+    return [f"{path.relative_to(REPO)} {start}" for (path, start, end), make in generated().items()
+            if section_in(path, start, end) != make()]
 
 
 def write_all() -> None:
-    """Everything the README shows from results/: the results table, the comparison, the figure."""
-    write_table()
-    write_section(COMPARISON_START, COMPARISON_END, comparison())
+    """Everything README.md and the lab book show from results/, and the figure."""
+    for (path, start, end), make in generated().items():
+        write_section(path, start, end, make())
     write_figure()
 
 
@@ -276,32 +301,11 @@ def parse_args(argv=None):
     add_parser.add_argument("--note", required=True)
     add_parser.add_argument("--full-recipe", action="store_true")
     add_parser.add_argument("--plot", type=pathlib.Path)
-    measure_parser = sub.add_parser("measure", help=f"write results/{THROUGHPUT} (then run without a command)")
-    measure_parser.add_argument("--networks", nargs="+", choices=list(train_loop.NETWORKS),
-                                default=list(train_loop.NETWORKS), help="default: all")
-    measure_parser.add_argument("--batch-size", type=int, default=None,
-                                help=f"default: {train_loop.CL_BATCH_SIZE[0]} for networks of up to "
-                                     f"{train_loop.SMALL_INPUT} px, {train_loop.CL_BATCH_SIZE[1]} for larger ones")
-    measure_parser.add_argument("--steps", type=int, default=None,
-                                help=f"timed training steps per round (default: {MEASURE_STEPS[0]} for networks "
-                                     f"of up to {train_loop.SMALL_INPUT} px, {MEASURE_STEPS[1]} for larger ones)")
-    measure_parser.add_argument("--rounds", type=int, default=MEASURE_ROUNDS, help="rounds; the median counts")
-    measure_parser.add_argument("--warmup", type=int, default=train_loop.CL_WARMUP, help="untimed steps first")
-    measure_parser.add_argument("--threads", type=int, default=0,
-                                help="torch threads (default 0: torch's default, as utils.train runs)")
-    measure_parser.add_argument("--output", type=pathlib.Path, default=RESULTS / THROUGHPUT)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.command == "measure":
-        if args.output == RESULTS / THROUGHPUT and set(args.networks) != set(train_loop.NETWORKS):
-            sys.exit(f"measuring only {', '.join(args.networks)} would drop the other networks from "
-                     f"{args.output}: measure all of them, or pass --output for a partial measurement")
-        measure(args.networks, args.batch_size, args.steps, args.rounds, args.warmup, args.threads, args.output)
-        print(f"wrote {args.output}; now run: .venv/bin/python results/make_table.py")
-        return
     if args.command == "add":
         print("wrote", add(args.history, args.name, args.note, args.full_recipe, args.plot))
     write_all()
