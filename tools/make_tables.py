@@ -227,7 +227,7 @@ def course_map() -> list[str]:
             full, test = minutes(sum(run["seconds"])), f"{run['test_acc']:.2%}"
         lines.append(f"| {number} | [{name}](notebooks/{name}.ipynb) | {LESSONS[name]} | {quick} | {full} | {test} |")
     if times["notebooks"]:
-        lines += ["", f"CPU times on {times['machine']}: quick mode is the whole notebook on generated data "
+        lines += ["", f"Times on {times['machine']}: quick mode is the whole notebook on generated data "
                       f"(`benchmarks/notebook_times.py`, {times['date']}); the full recipe is the training time of "
                       f"its measured run, whose test accuracy is that of the epoch the validation chose, read once."]
     return lines
