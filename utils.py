@@ -4,18 +4,21 @@ Everything the notebooks repeat lives here; what each notebook teaches (its netw
 recipe) stays in the notebook. The sections follow the order of a lesson, and nothing is used
 above its definition:
 
-    Setup         device, seeding, settings from environment variables
+    Setup         device, seeding, settings from environment variables, and which process
+                  this is when torchrun starts several (`is_distributed`, `rank`, `world_size`)
     Files         atomic writes, and earlier results kept aside instead of overwritten
     Downloads     one downloader (requests), with time and size limits
     Images        one decoder (any source, any mode, to 8-bit RGB), one folder scanner,
                   one conversion to a uint8 tensor
     Data          CIFAR-10 as train / validation / test, augmentation, `BatchTransform`
-                  (the one normalisation), loaders that finish batches on the device
+                  (the one normalisation), loaders that finish batches on the device (and,
+                  under torchrun, load each process's share of the data)
     Image folders flower_photos: safe unpacking, a reproducible train/val/test split
     Persistence   checkpoints with metadata, weights-only loading with errors in words
     Evaluation    logits of a whole loader, test-time augmentation, accuracy, per-class
                   accuracy, confusion matrix
-    Training      `train`: validation-chosen best checkpoint, resumable, and its `History`
+    Training      `train`: validation-chosen best checkpoint, resumable, and its `History`;
+                  under torchrun, DistributedDataParallel with one process per device
     Prediction    any image to top-k classes, preprocessed exactly as in training
     Plotting      every figure: images, predictions, confusion matrix, history, filters
     Sections 5-9  the end of every lesson in one call each (CustomCNN.ipynb writes them out)
@@ -110,6 +113,48 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+
+
+def is_distributed() -> bool:
+    """True in a process of a distributed run: one of several that `torchrun` started, after
+    `torch.distributed.init_process_group` (train_ddp.py does both). The helpers below then load
+    this process's share of the data, combine the shares, and leave files and printing to
+    process 0. False in an ordinary run, a notebook's kernel say."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's number in a distributed run, 0 to `world_size() - 1`; 0 in an ordinary run."""
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """How many processes train together; 1 in an ordinary run."""
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files and prints: process 0, or the only one."""
+    return rank() == 0
+
+
+def from_main_process(function, *args):
+    """`function(*args)` run by the main process alone, its result (or the exception it raised)
+    handed to every process: one decision, or one file read on the machine that wrote it, for all.
+    Every process must call it (it waits for the others); in an ordinary run it is the call itself."""
+    if not is_distributed():
+        return function(*args)
+    box = [None]
+    if is_main_process():
+        try:
+            box[0] = (function(*args), None)
+        except Exception as err:        # handed on, so that no process waits for a result forever
+            box[0] = (None, err)
+    torch.distributed.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 # =============================================================================================
@@ -576,16 +621,24 @@ class DeviceLoader:
 
     Copies are non-blocking from pinned memory on CUDA; `transform` (a `BatchTransform`) runs
     on the device. It keeps `dataset`, `batch_size`, `generator` (the shuffling's random state,
-    which a resumed run restores) and `len()` of the wrapped loader.
+    which a resumed run restores), `sampler` and `len()` of the wrapped loader.
     """
 
     def __init__(self, loader: DataLoader, device, transform: nn.Module | None = None):
         self.loader, self.device = loader, torch.device(device)
         self.transform = transform.to(self.device) if transform is not None else None
         self.dataset, self.batch_size, self.generator = loader.dataset, loader.batch_size, loader.generator
+        self.sampler = loader.sampler
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell a `DistributedSampler` which epoch begins: it shuffles with the seed plus the
+        epoch, so each epoch gets a new order, the same in every process. (`train` calls this
+        before every epoch; other samplers need nothing.)"""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def _ready(self, images, labels):
         non_blocking = self.device.type == "cuda"
@@ -607,6 +660,40 @@ class DeviceLoader:
         return self._ready(images, labels)
 
 
+class EvaluationShard(torch.utils.data.Sampler):
+    """This process's share of an evaluation split of `size` images in a distributed run of
+    `world_size` processes: images rank, rank + world_size, rank + 2 world_size, ...
+
+    PyTorch's `DistributedSampler` repeats a few images so that every process gets as many, which
+    training needs (each process takes the same number of steps) but which would count those
+    images twice in an accuracy. Here no image repeats, so over all processes each image counts
+    exactly once, and `gather` puts the shares' results back in the split's order.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every process's `local` (one row per image of its share, in its order) put together as
+        the whole split's (size, ...) tensor, in the split's order, on every process. All
+        processes must call it: each waits for the others' rows."""
+        if self.world_size == 1:
+            return local
+        longest = len(range(0, self.size, self.world_size))         # process 0's share is the longest
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[:len(local)] = local
+        shares = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(shares, padded)
+        # row i of process r is image r + i * world_size: interleave the shares, drop the padding
+        return torch.stack(shares, dim=1).flatten(0, 1)[:self.size]
+
+
 def default_num_workers() -> int:
     """DataLoader workers for datasets that decode files: one per core, leaving one for training."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -614,18 +701,35 @@ def default_num_workers() -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, device, *, shuffle: bool,
                 transform: nn.Module | None = None, num_workers: int = 0,
-                drop_last: bool = False, seed: int = 0) -> DeviceLoader:
+                drop_last: bool = False, seed: int = 0, shard: bool | None = None) -> DeviceLoader:
     """A `DeviceLoader` over `dataset`: shuffled with a generator seeded with `seed` when
     `shuffle`, pinned memory on CUDA, persistent workers when `num_workers` > 0.
 
     In-memory uint8 datasets need no workers (`num_workers=0`): indexing them costs
     microseconds. Datasets that decode files per sample want `default_num_workers()`.
+
+    shard: load only this process's share of `dataset`; by default, in a distributed run
+        (`is_distributed()`). A shuffled (training) loader then draws its share with PyTorch's
+        `DistributedSampler`: every epoch a new order from `seed` and the epoch number, the
+        same in every process, cut into equal shares (a few images repeated to even them out),
+        so that every process takes the same number of steps. An unshuffled (evaluation)
+        loader gets an `EvaluationShard`, which repeats nothing, and `predict_loader` gathers
+        the shares' results. `batch_size` is per process: the global batch is
+        `batch_size * world_size()`.
     """
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
+    if shard is None:
+        shard = is_distributed()
+    sampler = None
+    if shard:
+        sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=world_size(), rank=rank(),
+                                                       shuffle=True, seed=seed)
+                   if shuffle else EvaluationShard(len(dataset), rank(), world_size()))
+    shuffled_here = shuffle and sampler is None               # else the sampler shuffles
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffled_here, sampler=sampler,
+                        drop_last=drop_last, num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed) if shuffle else None)
+                        generator=torch.Generator().manual_seed(seed) if shuffled_here else None)
     return DeviceLoader(loader, device, transform)
 
 
@@ -909,7 +1013,8 @@ def _plain(value):
 
 def _unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)            # torch.compile wrapper
-    return model.module if isinstance(model, nn.DataParallel) else model
+    wrapped = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    return model.module if wrapped else model
 
 
 def _checkpoint_bytes(model: nn.Module, meta: dict, training: dict | None = None) -> bytes:
@@ -1029,7 +1134,11 @@ def assert_same_weights(model: nn.Module, other: nn.Module) -> None:
 @torch.no_grad()
 def predict_loader(model: nn.Module, loader, amp: bool = False,
                    amp_dtype: torch.dtype = torch.bfloat16):
-    """Logits and labels for the whole loader, concatenated: (N, classes) float, (N,) long."""
+    """Logits and labels for the whole loader, concatenated: (N, classes) float, (N,) long.
+
+    A loader of this process's share of a split (`EvaluationShard`, see `make_loader`) yields
+    the whole split's, gathered from every process in the split's order, on every process:
+    an accuracy computed from them counts each image exactly once."""
     model.eval()
     logits, labels = [], []
     for images, targets in loader:
@@ -1038,7 +1147,11 @@ def predict_loader(model: nn.Module, loader, amp: bool = False,
         labels.append(targets)
     if not logits:
         raise ValueError("the loader yielded no batches")
-    return torch.cat(logits), torch.cat(labels)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    shard = getattr(loader, "sampler", None)
+    if isinstance(shard, EvaluationShard):
+        logits, labels = shard.gather(logits), shard.gather(labels)
+    return logits, labels
 
 
 class TTA(nn.Module):
@@ -1155,14 +1268,16 @@ def _dataset_size(loader) -> int | None:
 
 
 def _recipe(model, optimizer, scheduler, num_epochs, train_loader, val_loader) -> dict:
-    """What a resumed run must share with the run it continues."""
+    """What a resumed run must share with the run it continues (the number of processes too:
+    it multiplies the batch)."""
     settings = {k: v for k, v in optimizer.defaults.items()
                 if isinstance(v, (bool, int, float, str, tuple, type(None)))}
     return _plain({"model": type(_unwrap(model)).__name__, "optimizer": type(optimizer).__name__,
                    "optimizer_settings": settings,
                    "scheduler": type(scheduler).__name__ if scheduler else None,
                    "num_epochs": num_epochs, "batch_size": getattr(train_loader, "batch_size", None),
-                   "train_images": _dataset_size(train_loader), "val_images": _dataset_size(val_loader)})
+                   "train_images": _dataset_size(train_loader), "val_images": _dataset_size(val_loader),
+                   "processes": world_size()})
 
 
 def _rng_state(train_loader) -> dict:
@@ -1190,13 +1305,15 @@ def _set_rng_state(state: dict, train_loader) -> None:
 
 def _resume(files: RunFiles, recipe: dict, model, optimizer, scheduler, scaler, train_loader) -> History:
     """Restore everything from `files.last`; raise `ValueError` when it belongs to another
-    model or recipe."""
-    checkpoint = _read_checkpoint(files.last)
+    model or recipe. In a distributed run the main process reads the file (the others' machines
+    may not have it) and hands it to every process, each of which takes back its own random states."""
+    checkpoint = from_main_process(_read_checkpoint, files.last)
     training = checkpoint.get("training")
     if training is None:
         raise ValueError(f"{files.last}: holds weights only, not the state of a run to resume")
-    differences = [f"{key}: {training['recipe'].get(key)!r} in the file, {value!r} now"
-                   for key, value in recipe.items() if training["recipe"].get(key) != value]
+    saved = {"processes": 1, **training["recipe"]}         # runs saved before torchrun came had one
+    differences = [f"{key}: {saved.get(key)!r} in the file, {value!r} now"
+                   for key, value in recipe.items() if saved.get(key) != value]
     if differences:
         raise ValueError(f"{files.last}: cannot resume, this run's recipe differs from the interrupted one:\n  "
                          + "\n  ".join(differences) +
@@ -1208,7 +1325,7 @@ def _resume(files: RunFiles, recipe: dict, model, optimizer, scheduler, scaler, 
         scheduler.load_state_dict(training["scheduler"])
     if scaler.is_enabled() and training["scaler"]:           # a run saved without AMP has no scale yet
         scaler.load_state_dict(training["scaler"])
-    _set_rng_state(training["rng"], train_loader)
+    _set_rng_state(training.get("rng_by_rank", [training["rng"]])[rank()], train_loader)
     return History(**training["history"])
 
 
@@ -1258,6 +1375,11 @@ def _train_one_epoch(model, loader, optimizer, criterion, scaler, amp, amp_dtype
     if seen == 0:
         raise ValueError("the training loader yielded no batches")
     _check_finite(recent_losses, epoch, batch)
+    if is_distributed():                  # every process's images count: add up the sums, then divide
+        totals = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        loss_total, correct_total, seen = totals.tolist()
+        return loss_total / seen, correct_total / seen
     return loss_sum.item() / seen, correct.item() / seen
 
 
@@ -1287,15 +1409,60 @@ def _interrupt_deferred():
 def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
                 optimizer, scheduler, scaler, train_loader) -> None:
     """After an epoch: the best checkpoint (when val accuracy improved), then the last state,
-    then the history JSON; each write atomic."""
+    then the history JSON; each write atomic. In a distributed run the main process writes,
+    with every process's random states (each draws its own augmentation and dropout)."""
+    rng = _rng_state(train_loader)
+    if is_distributed():
+        rng_by_rank = [None] * world_size()
+        torch.distributed.all_gather_object(rng_by_rank, rng)
+    if not is_main_process():
+        return
     epoch, val_acc = history.epoch[-1], history.val_acc[-1]
     if improved:
         atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
     training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "rng": _rng_state(train_loader), "history": asdict(history)}
+                "scaler": scaler.state_dict(), "rng": rng, "history": asdict(history)}
+    if is_distributed():
+        training["rng_by_rank"] = rng_by_rank
     atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
     history.to_json(files.history)
+
+
+def _check_equal_shares(train_loader) -> None:
+    """In a distributed run, raise `ValueError` in every process unless all of them have as many
+    training batches: at each step every process waits for the others' gradients, so one with
+    an extra batch would wait forever."""
+    counts = [None] * world_size()
+    torch.distributed.all_gather_object(counts, len(train_loader))
+    if len(set(counts)) > 1:
+        raise ValueError(f"the processes' training loaders have {counts} batches: every process must take "
+                         f"the same number of steps. Make the training loader with "
+                         f"utils.make_loader(..., shuffle=True), whose DistributedSampler gives equal shares.")
+
+
+def _for_processes(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel (a model wrapped already is taken as it is: wrap
+    it in the memory layout it will train in, as DDP's buckets copy the layout they first see),
+    with its BatchNorm layers made SyncBatchNorm when asked (see `train`)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        if sync_batchnorm:
+            raise ValueError("sync_batchnorm=True needs the model before DistributedDataParallel wraps it: "
+                             "pass the model itself, or convert it with nn.SyncBatchNorm.convert_sync_batchnorm first")
+        return model
+    if sync_batchnorm:
+        if device.type == "cpu":
+            raise ValueError("sync_batchnorm=True: PyTorch's SyncBatchNorm runs on GPUs only; on the CPU "
+                             "leave it off (each process then normalises with its own batch's statistics)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # the same parameters, in new layers
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm's running statistics, which
+    each process has updated from its own last batch), so that all evaluate, and save, one model."""
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer, criterion,
@@ -1303,7 +1470,7 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
           resume: bool = False, writer=None, amp: bool | None = None,
           amp_dtype: torch.dtype | None = None, channels_last: bool | None = None,
           compile: bool = False, scheduler_interval: str | None = None, log_every: int = 20,
-          progress: bool = True, verbose: bool = True) -> History:
+          progress: bool = True, verbose: bool = True, sync_batchnorm: bool = False) -> History:
     """Train `model` for `num_epochs`, measuring loss and accuracy on `val_loader` after each.
     The test set has no part in it: evaluate it once, afterwards, on `files.best`.
 
@@ -1325,6 +1492,22 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
     and the model ends in the usual memory layout, whatever layout training used. A training
     loader with a `set_epoch(epoch)` method (as PyTorch's samplers have) is told each epoch's
     number before it is iterated, on a resumed run too.
+
+    Under torchrun (`is_distributed()`: one process per GPU, or several CPU processes), each
+    process calls `train` with its own copy of the model and its share of the data (loaders from
+    `make_loader`; the training loaders must have as many batches in every process, or a
+    `ValueError` says so). `train` wraps the model in DistributedDataParallel (or takes one
+    wrapped already), which averages the gradients of all processes at every step, so that all
+    keep identical weights; it measures validation over the whole split, each image once; the
+    main process alone writes the files and the TensorBoard curves and prints, and `resume`
+    restores every process. The batch is per process, so the global batch is
+    `batch_size * world_size()`: scale the learning rate with it.
+    sync_batchnorm: under torchrun, BatchNorm layers normalise with the statistics of the global
+        batch instead of each process's share (`nn.SyncBatchNorm`, GPUs only; the layers are
+        replaced in `model` itself, with the same weights). It matters when the per-process batch
+        is small (a few dozen images or fewer): its statistics are noisy, and the
+        validation-time running averages inherit the noise; with large batches per process it
+        only costs time. Ignored in an ordinary run.
     """
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
@@ -1347,17 +1530,26 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
         # convolutions then run in NHWC whatever the input's layout (they follow the weights);
         # the model goes back to the usual layout at the end, where a reloaded copy will be
         model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if compile else model
+    distributed, main = is_distributed(), is_main_process()
+    if distributed:
+        _check_equal_shares(train_loader)
+        wrapped = _for_processes(model, device, sync_batchnorm)   # steps: gradients averaged over processes
+        net = _unwrap(wrapped)                                      # evaluation: each process its share
+        step_model = torch.compile(wrapped) if compile else wrapped
+        eval_model = torch.compile(net) if compile else net
+    else:
+        step_model = eval_model = torch.compile(model) if compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     recipe = _recipe(model, optimizer, scheduler, num_epochs, train_loader, val_loader)
 
-    if resume and files.last.exists():
+    if resume and from_main_process(files.last.exists):
         history = _resume(files, recipe, model, optimizer, scheduler, scaler, train_loader)
-        print(f"Resuming {files.name} after epoch {len(history)} of {num_epochs} (from {files.last.name})")
+        if main:
+            print(f"Resuming {files.name} after epoch {len(history)} of {num_epochs} (from {files.last.name})")
     else:
-        if resume:
+        if resume and main:
             print(f"No {files.last} to resume from: starting at epoch 1.")
-        if files is not None:
+        if files is not None and main:
             for path in (files.best, files.last, files.history):
                 _backup_existing(path)
         history = History(info={
@@ -1369,6 +1561,8 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
             "train_images": _dataset_size(train_loader), "val_images": _dataset_size(val_loader),
             "amp": str(amp_dtype).replace("torch.", "") if amp else None, "channels_last": channels_last,
         })
+        if distributed:
+            history.info.update(processes=world_size(), sync_batchnorm=sync_batchnorm)
 
     try:
         for epoch in range(len(history) + 1, num_epochs + 1):
@@ -1379,8 +1573,10 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
             train_loss, train_acc = _train_one_epoch(
                 step_model, train_loader, optimizer, criterion, scaler, amp, amp_dtype, device,
                 scheduler if scheduler_interval == "batch" else None,
-                epoch, num_epochs, log_every, progress)
-            val_loss, val_acc = evaluate(step_model, val_loader, criterion, amp=amp, amp_dtype=amp_dtype)
+                epoch, num_epochs, log_every, progress and main)
+            if distributed:
+                _broadcast_buffers(net)
+            val_loss, val_acc = evaluate(eval_model, val_loader, criterion, amp=amp, amp_dtype=amp_dtype)
             if scheduler is not None and scheduler_interval == "epoch":
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     scheduler.step(val_loss)
@@ -1396,18 +1592,19 @@ def train(model: nn.Module, train_loader, val_loader, num_epochs: int, optimizer
                 if files is not None:
                     _save_epoch(files, model, metadata or {}, history, improved, recipe,
                                 optimizer, scheduler, scaler, train_loader)
-            if writer is not None:
+            if writer is not None and main:
                 for name, value in (("loss/train", train_loss), ("loss/val", val_loss),
                                     ("accuracy/train", train_acc), ("accuracy/val", val_acc), ("lr", lr)):
                     writer.add_scalar(name, value, epoch)
                 writer.flush()
-            if verbose:
+            if verbose and main:
                 print(f"epoch {epoch:>3}/{num_epochs}  train loss {train_loss:.4f}  acc {train_acc:6.2%}  "
                       f"| val loss {val_loss:.4f}  acc {val_acc:6.2%}  | lr {lr:.2e}  {seconds:6.1f} s"
                       + ("  *" if improved and files is not None else ""))
     except KeyboardInterrupt:
-        print(f"Interrupted: returning the history of {len(history)} completed epoch(s)."
-              + (f" Continue with resume=True (from {files.last})." if files is not None and len(history) else ""))
+        if main:
+            print(f"Interrupted: returning the history of {len(history)} completed epoch(s)."
+                  + (f" Continue with resume=True (from {files.last})." if files is not None and len(history) else ""))
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -1692,18 +1889,23 @@ def test_chosen_model(model: nn.Module, files: RunFiles, test_loader, history: H
                       tta_level: int = 0) -> TestResult:
     """Section 5: load the checkpoint the validation chose (`files.best`) into `model`, predict
     the whole test split once (with test-time augmentation at `tta_level`), record the test
-    accuracy in `history` and its JSON file, and print it beside the validation accuracy."""
-    best = load_checkpoint(files.best, model)
+    accuracy in `history` and its JSON file, and print it beside the validation accuracy.
+    Under torchrun every process calls it with its share of the test split (see `make_loader`),
+    and the main process writes and prints."""
+    checkpoint = from_main_process(_read_checkpoint, files.best)    # under torchrun: read once, on process 0
+    _load_weights(model, checkpoint["state_dict"], files.best)
+    best = dict(checkpoint["meta"])
     logits, labels = predict_loader(TTA(model, tta_level), test_loader)
     predictions = logits.argmax(1)
     test_acc = (predictions == labels).float().mean().item()
     history.test_acc = test_acc
     if tta_level:
         history.info["tta_level"] = tta_level
-    history.to_json(files.history)
-    with_tta = f", test-time augmentation level {tta_level}" if tta_level else ""
-    print(f"epoch {best['epoch']} (validation accuracy {best['val_acc']:.2%}) on {len(labels):,} "
-          f"test images{with_tta}: {test_acc:.2%}")
+    if is_main_process():
+        history.to_json(files.history)
+        with_tta = f", test-time augmentation level {tta_level}" if tta_level else ""
+        print(f"epoch {best['epoch']} (validation accuracy {best['val_acc']:.2%}) on {len(labels):,} "
+              f"test images{with_tta}: {test_acc:.2%}")
     return TestResult(test_acc, predictions, labels, best, tta_level)
 
 

@@ -42,7 +42,7 @@ QUICK_SETTINGS = {
 QUICK_RUNS = {"CustomCNN": (4, 0, {}), "LeNet5": (30, 0, {}), "AlexNet-32": (80, 0, {}),
               "AlexNet-227": (16, 32, {}), "ZFNet": (12, 32, {"LEARNING_RATE": 1e-4}),
               "VGG16": (30, 64, {"MAX_LR": 0.01}), "ResNet": (60, 64, {}), "Speedrun": (30, 0, {}),
-              "AlexNet-Flowers": (8, 0, {})}
+              "AlexNet-Flowers": (8, 0, {}), "DDP": (30, 0, {})}
 DEFAULT_RUN = (1, 200, {})             # a notebook not listed above
 LEARNED_FACTOR = 3     # the quick run's test accuracy must reach this many times chance
 FLOWER_PHOTOS_PER_CLASS = 24   # 120 generated photos: 96 training, 12 validation, 12 test

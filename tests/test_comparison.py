@@ -60,12 +60,12 @@ def test_one_row_per_notebook_measured_figures_only(results_dir):
     write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)
     lines = make_table.comparison()
     rows = table_rows(lines)
-    assert list(rows) == make_table.NOTEBOOK_ORDER
+    assert list(rows) == make_table.ARCHITECTURES
     assert "CPU, 2 cores (x86_64)" in lines[0]
     assert rows["LeNet5"][:3] == ["62,006", "0.66 M", "1,234.5 (batch 128)"]
     assert rows["LeNet5"][3:5] == ["63.12% (epoch 2)", "61.87%"]      # as the results table formats them
     assert rows["LeNet5"][5].startswith("3 epochs x 40 s on CPU, 2 cores (x86_64)")
-    for name in set(make_table.NOTEBOOK_ORDER) - {"LeNet5"}:
+    for name in set(make_table.ARCHITECTURES) - {"LeNet5"}:
         assert rows[name] == [make_table.NOT_MEASURED] * 6, name
     assert set(FIGURE.findall("\n".join(lines))) == {"63.12", "61.87"}
 
@@ -117,7 +117,7 @@ def test_figure_without_any_measured_run(results_dir, monkeypatch):
     make_table.write_figure()
     axes = drawn[0].axes[0]
     assert len(axes.lines) == len(axes.collections) == 0
-    assert [text.get_text() for text in axes.texts] == [f"not measured: {', '.join(make_table.NOTEBOOK_ORDER)}"]
+    assert [text.get_text() for text in axes.texts] == [f"not measured: {', '.join(make_table.ARCHITECTURES)}"]
 
 
 def test_measure_writes_throughput_with_exact_parameters(tmp_path):

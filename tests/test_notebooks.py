@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SECTIONS = ["Setup", "Data", "Network", "Loss function and optimizer", "Training", "Test accuracy",
             "Per-class accuracy", "Sample predictions", "Save the model", "Predict new images"]
-EXPECTED = {"CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers", "LeNet5", "VGG16", "ResNet", "Speedrun"}
+EXPECTED = {"CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers", "LeNet5", "VGG16", "ResNet", "Speedrun",
+            "DDP"}
 # What every notebook's parameters cell must let papermill and the environment set.
 SETTINGS = {"EPOCHS", "SUBSET", "DATA_DIR", "MODEL_DIR", "RUNS_DIR", "PREDICT_URL", "RESUME", "AMP", "SEED", "NAME"}
 

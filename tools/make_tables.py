@@ -48,8 +48,11 @@ LESSONS = {
     "ResNet": "residual connections: why a plain deep network trains worse, and how shortcuts fix it",
     "Speedrun": "the modern recipe, one measured trick at a time: fewer epochs for the same accuracy",
     "AlexNet-Flowers": "real photos of any size: your own data set, a train/val/test split, weight initialisation",
+    "DDP": "many devices, one model: torchrun, DistributedDataParallel, shared-out data and exact evaluation",
 }
 NOTEBOOK_ORDER = list(LESSONS)
+# The comparison's rows: every notebook that teaches an architecture (DDP.ipynb trains another's).
+ARCHITECTURES = [name for name in NOTEBOOK_ORDER if name != "DDP"]
 GPU_RECIPES = {"AlexNet-227", "ZFNet"}      # full recipes that take days on a 2-core CPU: measured on a GPU only
 HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test accuracy (once) "
           "| seconds per epoch | hardware | date |",
@@ -147,7 +150,7 @@ def comparison() -> list[str]:
     lines = [f"| notebook | parameters | multiply-adds per image | training images/s ({machine}) "
              f"| validation accuracy (chosen epoch) | test accuracy (once) | budget: epochs x seconds per epoch, run |",
              "| --- | ---: | ---: | ---: | --- | --- | --- |"]
-    for name in NOTEBOOK_ORDER:
+    for name in ARCHITECTURES:
         cells = network_cells(measured["networks"].get(name)) + run_cells(chosen_run(name))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if measured["networks"]:
@@ -164,7 +167,7 @@ def write_figure(path: pathlib.Path | None = None) -> pathlib.Path:
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.add_subplot()
     points, no_test, no_size = {}, [], []
-    for name in NOTEBOOK_ORDER:
+    for name in ARCHITECTURES:
         run = chosen_run(name)
         if run is None or run.get("test_acc") is None:
             no_test.append(name)
