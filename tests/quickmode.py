@@ -37,12 +37,20 @@ QUICK_SETTINGS = {
 # step) and many epochs; BatchNorm's running statistics need a few dozen steps to catch up with
 # the weights. VGG-16 at its recipe's peak learning rate collapses within a few steps on these
 # images (not on CIFAR-10's), and ZFNet's AdamW at 1e-3 sticks to one class for most of a short
-# run: their quick runs learn at a tenth of it. Each setting learns with a margin over
-# LEARNED_FACTOR x chance: measured in the lab book, "Quick mode".
+# run: their quick runs learn at a tenth of it. MobileNetV2 takes batches of 8 at 0.02, so that
+# 32 images give 4 steps an epoch (single steps of 32 at 0.1 left validation at chance); ViT keeps
+# its network but skips AutoAugment and the warm-up, which would take most of 6 epochs; GoogLeNet
+# evaluates without test-time augmentation and DenseNet times section 10 on one tiny step, their
+# evaluation costing as much as their training. Each setting learns with a margin over LEARNED_FACTOR x
+# chance: measured in the lab book, "Quick mode".
 QUICK_RUNS = {"CustomCNN": (4, 0, {}), "LeNet5": (30, 0, {}), "AlexNet-32": (80, 0, {}),
               "AlexNet-227": (16, 32, {}), "ZFNet": (12, 32, {"LEARNING_RATE": 1e-4}),
               "VGG16": (30, 64, {"MAX_LR": 0.01}), "ResNet": (60, 64, {}), "Speedrun": (30, 0, {}),
-              "AlexNet-Flowers": (8, 0, {}), "DDP": (30, 0, {})}
+              "AlexNet-Flowers": (8, 0, {}), "DDP": (30, 0, {}),
+              "GoogLeNet": (12, 16, {"TTA_LEVELS": [0]}),
+              "DenseNet": (12, 16, {"SPEED_BATCH_SIZE": 2, "SPEED_WARMUP": 1, "SPEED_STEPS": 1}),
+              "MobileNetV2": (16, 32, {"BATCH_SIZE": 8, "LEARNING_RATE": 0.02}),
+              "ViT": (6, 32, {"BATCH_SIZE": 16, "WARMUP_EPOCHS": 0, "AUTOAUGMENT": False, "AMP": True})}
 DEFAULT_RUN = (1, 200, {})             # a notebook not listed above
 LEARNED_FACTOR = 3     # the quick run's test accuracy must reach this many times chance
 FLOWER_PHOTOS_PER_CLASS = 24   # 120 generated photos: 96 training, 12 validation, 12 test

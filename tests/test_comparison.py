@@ -175,7 +175,48 @@ def test_the_course_map_lists_every_notebook_in_order_with_what_was_measured(res
     assert [cells[0] for cells in rows.values()] == [f"[{name}](notebooks/{name}.ipynb)"
                                                      for name in make_table.NOTEBOOK_ORDER]
     by_name = {name: cells for name, cells in zip(make_table.NOTEBOOK_ORDER, rows.values())}
-    assert by_name["LeNet5"][2:] == ["15 s", "80 s", "61.87%"]             # 2 epochs x 40 s, the full recipe's test
-    assert by_name["ZFNet"][2:] == ["4 min", "GPU recipe, not measured", "not measured"]
-    assert by_name["VGG16"][2:] == ["not measured"] * 3                    # a short run is not the full recipe
+    assert by_name["LeNet5"][2:] == ["15 s", "80 s", "61.87%", "not measured"]   # 2 epochs x 40 s, the full recipe's test
+    assert by_name["ZFNet"][2:] == ["4 min", "GPU recipe, not measured", "not measured", "-"]   # not in the budget race
+    assert by_name["VGG16"][2:] == ["not measured"] * 4                    # a short run is not the full recipe
     assert "start here" in by_name["CustomCNN"][1]
+
+
+def budget_run(name, val_acc, test_acc, minutes, started):
+    run = fake_run(name, val_acc, test_acc, False, started)
+    run["info"]["budget_minutes"] = minutes
+    return run
+
+
+def test_the_equal_budget_table_has_every_network_and_only_budget_runs(results_dir, monkeypatch):
+    write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)
+    write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
+    write(results_dir / "LeNet5-budget.json", budget_run("LeNet5", [0.4, 0.5, 0.5512, 0.55], 0.5498, 30,
+                                                         "2026-12-05T01:00"))
+    write(results_dir / "ResNet-budget.json", budget_run("ResNet", [0.6, 0.7123], 0.7045, 30, "2026-12-05T02:00"))
+    rows = table_rows(make_table.equal_budget())
+    assert list(rows) == make_table.EQUAL_BUDGET
+    assert {"LeNet5", "ResNet", "ViT", "Speedrun"} <= set(rows) and not {"ZFNet", "AlexNet-Flowers", "DDP"} & set(rows)
+    # 4 epochs x 40 s = 2.7 min of the 30; the chosen epoch is the best by validation, never the full-recipe run
+    assert rows["LeNet5"] == ["62,006", "0.66 M", "30 min", "4", "2.7 min", "55.12% (epoch 3)", "54.98%",
+                              "CPU, 2 cores (x86_64), 2026-12-05"]
+    assert rows["ResNet"][:2] == [make_table.NOT_MEASURED] * 2 and rows["ResNet"][6] == "70.45%"
+    assert rows["VGG16"][5:7] == [make_table.NOT_MEASURED] * 2
+    course_map = {cells[0]: cells for cells in table_rows(make_table.course_map()).values()}
+    assert course_map["[LeNet5](notebooks/LeNet5.ipynb)"][-1] == "54.98% in 30 min"
+    drawn = []
+    monkeypatch.setattr(make_table.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    make_table.write_equal_budget_figure()
+    by_time, by_size, by_work = drawn[0].axes
+    assert [line.get_label() for line in by_time.lines] == ["LeNet5", "ResNet"]
+    assert list(by_time.lines[0].get_xdata()) == pytest.approx([40 / 60, 80 / 60, 120 / 60, 160 / 60])
+    assert [list(line.get_xdata()) for line in by_size.lines] == [[62006]]    # ResNet's size is not measured
+    assert list(by_work.lines[0].get_ydata()) == pytest.approx([54.98])
+
+
+def test_a_run_is_not_both_the_full_recipe_and_a_budget_run(results_dir, tmp_path):
+    history = tmp_path / "history.json"
+    write(history, fake_run("LeNet5", [0.5, 0.6], 0.59, False, "2026-11-24T01:15:02+00:00"))
+    with pytest.raises(SystemExit, match="not both"):
+        make_table.add(history, "LeNet5", "both", True, None, budget_minutes=30)
+    recorded = make_table.add(history, "LeNet5", "equal CPU budget", False, None, budget_minutes=30)
+    assert json.loads(recorded.read_text())["info"]["budget_minutes"] == 30

@@ -17,7 +17,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SECTIONS = ["Setup", "Data", "Network", "Loss function and optimizer", "Training", "Test accuracy",
             "Per-class accuracy", "Sample predictions", "Save the model", "Predict new images"]
 EXPECTED = {"CustomCNN", "AlexNet-32", "AlexNet-227", "ZFNet", "AlexNet-Flowers", "LeNet5", "VGG16", "ResNet", "Speedrun",
-            "DDP"}
+            "GoogLeNet", "DenseNet", "MobileNetV2", "ViT", "DDP"}
 # What every notebook's parameters cell must let papermill and the environment set.
 SETTINGS = {"EPOCHS", "SUBSET", "DATA_DIR", "MODEL_DIR", "RUNS_DIR", "PREDICT_URL", "RESUME", "AMP", "SEED", "NAME"}
 

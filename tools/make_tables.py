@@ -32,10 +32,12 @@ LAB_BOOK = RESULTS / "README.md"            # the results table and the comparis
 THROUGHPUT = "throughput.json"              # in RESULTS, written by benchmarks/throughput.py
 NOTEBOOK_TIMES = "notebook-times.json"      # in RESULTS, written by benchmarks/notebook_times.py
 FIGURE = "comparison.png"                   # in RESULTS, written with the tables
+EQUAL_BUDGET_FIGURE = "equal-budget.png"    # in RESULTS, written with the tables
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMPARISON_START, COMPARISON_END = "<!-- comparison:start -->", "<!-- comparison:end -->"
 MAP_START, MAP_END = "<!-- course-map:start -->", "<!-- course-map:end -->"
 QUICK_START, QUICK_END = "<!-- quick-mode:start -->", "<!-- quick-mode:end -->"
+BUDGET_START, BUDGET_END = "<!-- equal-budget:start -->", "<!-- equal-budget:end -->"
 OTHER_DATA_SETS = {"AlexNet-Flowers": "flower_photos, 5 classes"}   # every other notebook: CIFAR-10
 # The course in reading order, each notebook with the one thing it teaches.
 LESSONS = {
@@ -47,6 +49,10 @@ LESSONS = {
     "VGG16": "depth from stacked 3x3 convolutions, BatchNorm and a one-cycle schedule",
     "ResNet": "residual connections: why a plain deep network trains worse, and how shortcuts fix it",
     "Speedrun": "the modern recipe, one measured trick at a time: fewer epochs for the same accuracy",
+    "GoogLeNet": "multi-branch Inception modules, and what 1x1 reductions save",
+    "DenseNet": "dense connectivity: every layer reads all earlier feature maps; bottleneck and compression",
+    "MobileNetV2": "depthwise-separable convolutions and inverted residuals: fewer multiply-adds is not faster",
+    "ViT": "attention instead of convolution: patches, position embeddings, and why a transformer needs augmentation",
     "AlexNet-Flowers": "real photos of any size: your own data set, a train/val/test split, weight initialisation",
     "DDP": "many devices, one model: torchrun, DistributedDataParallel, shared-out data and exact evaluation",
 }
@@ -54,6 +60,9 @@ NOTEBOOK_ORDER = list(LESSONS)
 # The comparison's rows: every notebook that teaches an architecture (DDP.ipynb trains another's).
 ARCHITECTURES = [name for name in NOTEBOOK_ORDER if name != "DDP"]
 GPU_RECIPES = {"AlexNet-227", "ZFNet"}      # full recipes that take days on a 2-core CPU: measured on a GPU only
+# The equal-CPU-budget comparison (benchmarks/equal_budget.py): every CIFAR-10 architecture that
+# trains at least an epoch in the budget on a 2-core CPU.
+EQUAL_BUDGET = [name for name in ARCHITECTURES if name not in GPU_RECIPES and name not in OTHER_DATA_SETS]
 HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test accuracy (once) "
           "| seconds per epoch | hardware | date |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -64,7 +73,10 @@ MEASURE_ROUNDS = 3                      # rounds; images/s of the median round
 
 # ---- runs: `add` and the results table -------------------------------------------------------
 
-def add(history_path: pathlib.Path, name: str, note: str, full_recipe: bool, plot: pathlib.Path | None) -> pathlib.Path:
+def add(history_path: pathlib.Path, name: str, note: str, full_recipe: bool, plot: pathlib.Path | None,
+        budget_minutes: float | None = None) -> pathlib.Path:
+    """Copy a run's history into results/; `budget_minutes` marks a run of the equal-CPU-budget
+    comparison (benchmarks/equal_budget.py)."""
     if plot and not plot.is_file():                          # checked before anything is written
         sys.exit(f"{plot}: no such plot")
     history = json.loads(history_path.read_text())
@@ -73,6 +85,10 @@ def add(history_path: pathlib.Path, name: str, note: str, full_recipe: bool, plo
     if "val_acc" not in history:
         sys.exit(f"{history_path}: not a history of utils.train with a validation split")
     history["info"].update(name=name, note=note, full_recipe=full_recipe)
+    if budget_minutes is not None:
+        if full_recipe:
+            sys.exit("a run is either the full recipe or an equal-budget run, not both")
+        history["info"]["budget_minutes"] = budget_minutes
     started = history["info"]["started"]                    # e.g. 2026-11-24T00:29:54+00:00
     stem = f"{name}-{started[:10]}-{started[11:16].replace(':', '')}-{len(history['epoch'])}ep"
     target = RESULTS / f"{stem}.json"
@@ -204,6 +220,68 @@ def write_figure(path: pathlib.Path | None = None) -> pathlib.Path:
     return path
 
 
+# ---- every architecture at an equal CPU budget -------------------------------------------------
+
+def budget_run(name: str) -> dict | None:
+    """Notebook `name`'s equal-budget run (the latest, if it was run more than once)."""
+    runs = [run for run in utils.measured_runs(name) if run["info"].get("budget_minutes")]
+    return runs[-1] if runs else None
+
+
+def equal_budget() -> list[str]:
+    """One row per network of EQUAL_BUDGET: its size, the epochs its budget allowed, the training
+    time they took, and the validation-chosen epoch's accuracies."""
+    networks = throughput()["networks"]
+    lines = ["| network | parameters | multiply-adds per image | budget | epochs that fit | training time used "
+             "| validation accuracy (chosen epoch) | test accuracy (once) | machine, date |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for name in EQUAL_BUDGET:
+        size = network_cells(networks.get(name))[:2]
+        run = budget_run(name)
+        if run is None:
+            lines.append(f"| {name} | {size[0]} | {size[1]} | | | | {NOT_MEASURED} | {NOT_MEASURED} | |")
+            continue
+        history = history_of(run)
+        test = f"{history.test_acc:.2%}" if history.test_acc is not None else NOT_MEASURED
+        lines.append(f"| {name} | {size[0]} | {size[1]} | {run['info']['budget_minutes']:g} min | {len(history)} "
+                     f"| {sum(history.seconds) / 60:.1f} min | {history.best_val_acc:.2%} (epoch {history.best_epoch}) "
+                     f"| {test} | {history.info['device']}, {history.info['started'][:10]} |")
+    return lines
+
+
+def write_equal_budget_figure(path: pathlib.Path | None = None) -> pathlib.Path:
+    """Validation accuracy against training minutes for every equal-budget run, and the test
+    accuracy of each against its parameters and its multiply-adds."""
+    networks = throughput()["networks"]
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    by_time, by_size, by_work = figure.subplots(1, 3)
+    measured = {name: run for name in EQUAL_BUDGET if (run := budget_run(name)) is not None}
+    for name, run in measured.items():
+        minutes_done = [sum(run["seconds"][:i + 1]) / 60 for i in range(len(run["seconds"]))]
+        line, = by_time.plot(minutes_done, [100 * a for a in run["val_acc"]], marker="o", markersize=3, label=name)
+        if run.get("test_acc") is not None and name in networks:
+            for axes, key in ((by_size, "parameters"), (by_work, "mult_adds")):
+                axes.plot(networks[name][key], 100 * run["test_acc"], "o", color=line.get_color())
+                axes.annotate(name, (networks[name][key], 100 * run["test_acc"]), xytext=(4, 4),
+                              textcoords="offset points", fontsize=8)
+    by_time.set(xlabel="training time, minutes (2-core CPU)", ylabel="validation accuracy, %",
+                title="validation accuracy while the budget runs")
+    by_size.set(xscale="log", xlabel="parameters", ylabel="test accuracy, %", title="test accuracy (once) against size")
+    by_work.set(xscale="log", xlabel="multiply-adds per image", ylabel="test accuracy, %",
+                title="test accuracy (once) against work per image")
+    for axes in (by_time, by_size, by_work):
+        axes.grid(True, alpha=0.3)
+    if measured:
+        by_time.legend(fontsize=8)
+    missing = [name for name in EQUAL_BUDGET if name not in measured]
+    if missing:
+        by_time.annotate(f"not measured: {', '.join(missing)}", (0, 0), xycoords="axes fraction", xytext=(0, -40),
+                         textcoords="offset points", va="top", fontsize=8, annotation_clip=False)
+    path = path or RESULTS / EQUAL_BUDGET_FIGURE
+    figure.savefig(path, dpi=100)
+    return path
+
+
 # ---- the course map ---------------------------------------------------------------------------
 
 def minutes(seconds: float) -> str:
@@ -213,11 +291,12 @@ def minutes(seconds: float) -> str:
 def course_map() -> list[str]:
     """One row per notebook in reading order: its lesson, its CPU time in quick mode (the whole
     notebook, from notebook-times.json) and for its full recipe (the training time of its full-recipe
-    run), and that run's test accuracy."""
+    run), that run's test accuracy, and the test accuracy of its equal-CPU-budget run."""
     path = RESULTS / NOTEBOOK_TIMES
     times = json.loads(path.read_text()) if path.exists() else {"notebooks": {}}
-    lines = ["| # | notebook | what it teaches | CPU time, quick mode | CPU time, full recipe | test accuracy |",
-             "| ---: | --- | --- | ---: | ---: | ---: |"]
+    lines = ["| # | notebook | what it teaches | CPU time, quick mode | CPU time, full recipe | test accuracy "
+             "| test accuracy, equal CPU budget |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for number, name in enumerate(NOTEBOOK_ORDER, 1):
         quick = times["notebooks"].get(name)
         quick = minutes(quick["seconds"]) if quick else NOT_MEASURED
@@ -228,11 +307,20 @@ def course_map() -> list[str]:
             test = NOT_MEASURED
         else:
             full, test = minutes(sum(run["seconds"])), f"{run['test_acc']:.2%}"
-        lines.append(f"| {number} | [{name}](notebooks/{name}.ipynb) | {LESSONS[name]} | {quick} | {full} | {test} |")
+        budget = budget_run(name)
+        if name not in EQUAL_BUDGET:
+            budget = "-"
+        elif budget is None or budget.get("test_acc") is None:
+            budget = NOT_MEASURED
+        else:
+            budget = f"{budget['test_acc']:.2%} in {budget['info']['budget_minutes']:g} min"
+        lines.append(f"| {number} | [{name}](notebooks/{name}.ipynb) | {LESSONS[name]} | {quick} | {full} | {test} "
+                     f"| {budget} |")
     if times["notebooks"]:
         lines += ["", f"Times on {times['machine']}: quick mode is the whole notebook on generated data "
                       f"(`benchmarks/notebook_times.py`, {times['date']}); the full recipe is the training time of "
-                      f"its measured run, whose test accuracy is that of the epoch the validation chose, read once."]
+                      f"its measured run, whose test accuracy is that of the epoch the validation chose, read once; "
+                      f"the equal CPU budget is the lab book's \"Every architecture at an equal CPU budget\"."]
     return lines
 
 
@@ -279,7 +367,8 @@ def generated() -> dict:
     return {(README, MAP_START, MAP_END): course_map,
             (LAB_BOOK, START, END): rows,
             (LAB_BOOK, QUICK_START, QUICK_END): quick_mode,
-            (LAB_BOOK, COMPARISON_START, COMPARISON_END): comparison}
+            (LAB_BOOK, COMPARISON_START, COMPARISON_END): comparison,
+            (LAB_BOOK, BUDGET_START, BUDGET_END): equal_budget}
 
 
 def stale_sections() -> list[str]:
@@ -293,6 +382,7 @@ def write_all() -> None:
     for (path, start, end), make in generated().items():
         write_section(path, start, end, make())
     write_figure()
+    write_equal_budget_figure()
 
 
 def parse_args(argv=None):
@@ -304,13 +394,15 @@ def parse_args(argv=None):
     add_parser.add_argument("--note", required=True)
     add_parser.add_argument("--full-recipe", action="store_true")
     add_parser.add_argument("--plot", type=pathlib.Path)
+    add_parser.add_argument("--budget-minutes", type=float,
+                            help="a run of the equal-CPU-budget comparison (benchmarks/equal_budget.py)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.command == "add":
-        print("wrote", add(args.history, args.name, args.note, args.full_recipe, args.plot))
+        print("wrote", add(args.history, args.name, args.note, args.full_recipe, args.plot, args.budget_minutes))
     write_all()
 
 

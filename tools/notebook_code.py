@@ -43,6 +43,10 @@ NETWORKS = {
     "VGG16": ("VGG16.ipynb", "VGG16", {"num_classes": 10}, 32),
     "ResNet": ("ResNet.ipynb", "ResNet", {"depth": 20, "num_classes": 10}, 32),
     "Speedrun": ("Speedrun.ipynb", "SpeedNet", {"widths": (32, 128, 128), "num_classes": 10}, 32),
+    "GoogLeNet": ("GoogLeNet.ipynb", "GoogLeNet", {"num_classes": 10}, 32),
+    "DenseNet": ("DenseNet.ipynb", "DenseNet", {"num_classes": 10}, 32),
+    "MobileNetV2": ("MobileNetV2.ipynb", "MobileNetV2", {"num_classes": 10}, 32),
+    "ViT": ("ViT.ipynb", "ViT", {"num_classes": 10}, 32),
 }
 
 

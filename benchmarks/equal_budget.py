@@ -1,0 +1,114 @@
+"""Every architecture at an equal CPU budget: each notebook's own recipe, run for the epochs that
+fit in the same wall-clock training time on this machine, validation-chosen, test read once.
+
+    DATA_DIR=/path/to/data .venv/bin/python benchmarks/equal_budget.py ResNet LeNet5 --minutes 30
+    .venv/bin/python tools/make_tables.py add model/equal-budget/ResNet_history.json --name ResNet \\
+        --note "equal CPU budget: 30 min" --budget-minutes 30
+    .venv/bin/python tools/make_tables.py          # the lab book's equal-budget table and figure
+
+For each notebook:
+
+1. A probe runs the notebook's sections 0-4 for one epoch on `--probe-images` training images
+   (and as many validation images) and times that epoch, data pipeline and validation included.
+2. The epochs that fit in the budget follow from the probe, scaled to 45,000 training and 5,000
+   validation images (an evaluated image costs about a third of a trained one); at least one.
+3. The notebook's sections 0-9 then run with `EPOCHS` set to that number, so its schedule (one-
+   cycle, cosine, warm-up and decay, steps) is fitted to those epochs exactly as a reader's
+   `-p EPOCHS` would fit it. Section 10 and later are left out: they teach, they do not train
+   the network that is tested.
+
+The history JSON and the executed notebook land in `--model-dir`; the script prints the epochs,
+the budget, the training time the run actually took and the test accuracy section 5 read once.
+A budget is a wall-clock budget only on a machine doing nothing else: run one network at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from unittest import mock
+
+import nbformat
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+from tools.notebook_code import NETWORKS  # noqa: E402
+
+NOTEBOOK_DIR = utils.REPO_DIR / "notebooks"
+TRAIN_IMAGES, VAL_IMAGES = 45_000, 5_000     # CIFAR-10's training and validation splits in every notebook
+EVAL_COST = 1 / 3                            # an evaluated image's cost, relative to a trained one
+FIRST_UNTRAINED_SECTION = ("## 10.", "## Summary")   # headings where the tested network is complete
+
+
+def sections_0_to_9(name: str) -> nbformat.NotebookNode:
+    """Notebook `name` without section 10 and what follows it."""
+    notebook = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type == "markdown" and any(line.startswith(FIRST_UNTRAINED_SECTION)
+                                                for line in cell.source.splitlines()):
+            notebook.cells = notebook.cells[:index]
+            break
+    return notebook
+
+
+def run_notebook(name: str, out_dir: pathlib.Path, environment: dict, parameters: dict) -> dict:
+    """Execute sections 0-9 of notebook `name` with papermill; the history JSON it wrote."""
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trimmed = out_dir / f"{name}-sections-0-9.ipynb"
+    nbformat.write(sections_0_to_9(name), trimmed)
+    with mock.patch.dict(os.environ, {**environment, "MODEL_DIR": str(out_dir)}):
+        papermill.execute_notebook(trimmed, out_dir / f"{name}-executed.ipynb", parameters=parameters,
+                                   cwd=str(NOTEBOOK_DIR), progress_bar=False)
+    return json.loads((out_dir / f"{name}_history.json").read_text())
+
+
+def epochs_that_fit(budget_s: float, probe_epoch_s: float, probe_images: int,
+                    train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES) -> int:
+    """Whole epochs of `train_images` (validation on `val_images` after each) that fit in
+    `budget_s`, from one probe epoch of `probe_images` training and as many validation images."""
+    if budget_s <= 0 or probe_epoch_s <= 0 or probe_images <= 0:
+        raise ValueError(f"budget, probe time and probe images must be positive, got {budget_s}, "
+                         f"{probe_epoch_s}, {probe_images}")
+    seconds_per_image = probe_epoch_s / (probe_images * (1 + EVAL_COST))
+    epoch_s = seconds_per_image * (train_images + EVAL_COST * val_images)
+    return max(1, math.floor(budget_s / epoch_s))
+
+
+def run_at_budget(name: str, minutes: float, model_dir: pathlib.Path, probe_images: int, environment: dict) -> dict:
+    probe = run_notebook(name, model_dir / "probe", {**environment, "SUBSET": str(probe_images)},
+                         {"EPOCHS": 1, "RESUME": False})
+    epochs = epochs_that_fit(60 * minutes, probe["seconds"][0], probe["info"]["train_images"])
+    print(f"{name}: probe epoch of {probe['info']['train_images']:,} images took {probe['seconds'][0]:.0f} s, "
+          f"so {epochs} epoch(s) fit in {minutes:g} minutes", flush=True)
+    start = time.perf_counter()
+    history = run_notebook(name, model_dir, {**environment, "SUBSET": "0"}, {"EPOCHS": epochs, "RESUME": True})
+    wall = time.perf_counter() - start
+    print(f"{name}: {epochs} epochs, training {sum(history['seconds']) / 60:.1f} min of the {minutes:g}-minute "
+          f"budget ({wall / 60:.1f} min in all), validation {max(history['val_acc']):.2%}, "
+          f"test {history['test_acc']:.2%} (read once)", flush=True)
+    return history
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="+", choices=sorted(NETWORKS), metavar="NOTEBOOK")
+    parser.add_argument("--minutes", type=float, default=30, help="training budget per network (default 30)")
+    parser.add_argument("--model-dir", type=pathlib.Path, default=utils.REPO_DIR / "model" / "equal-budget")
+    parser.add_argument("--probe-images", type=int, default=2_250, help="training images of the probe epoch")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.probe_images <= 0:
+        parser.error("--minutes and --probe-images must be positive")
+    environment = {"DATA_DIR": str(utils.env_path("DATA_DIR", utils.REPO_DIR / "data")),
+                   "RUNS_DIR": str(args.model_dir / "runs")}
+    for name in args.notebooks:
+        run_at_budget(name, args.minutes, args.model_dir.resolve() / name, args.probe_images, environment)
+
+
+if __name__ == "__main__":
+    main()
