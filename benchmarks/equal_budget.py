@@ -84,7 +84,7 @@ def run_at_budget(name: str, minutes: float, model_dir: pathlib.Path, probe_imag
     probe = run_notebook(name, model_dir / "probe", {**environment, "SUBSET": str(probe_images)},
                          {"EPOCHS": 1, "RESUME": False})
     epochs = epochs_that_fit(60 * minutes, probe["seconds"][0], probe["info"]["train_images"])
-    print(f"{name}: probe epoch of {probe['info']['train_images']:,} images took {probe["seconds"][0]:.1f} s, "
+    print(f"{name}: probe epoch of {probe['info']['train_images']:,} images took {probe['seconds'][0]:.1f} s, "
           f"so {epochs} epoch(s) fit in {minutes:g} minutes", flush=True)
     start = time.perf_counter()
     history = run_notebook(name, model_dir, {**environment, "SUBSET": "0"}, {"EPOCHS": epochs, "RESUME": True})
