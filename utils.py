@@ -75,6 +75,16 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize(device) -> None:
+    """Wait until `device` has finished the work queued on it, so that a clock read next measures
+    that work: CUDA and MPS run asynchronously, the CPU needs no wait."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch so that a run can be repeated."""
     random.seed(seed)

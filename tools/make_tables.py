@@ -67,8 +67,6 @@ HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test
           "| seconds per epoch | hardware | date |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 NOT_MEASURED = "not measured"
-MEASURE_STEPS = (5, 3)                  # timed steps per round: networks of up to 64 px, larger ones
-MEASURE_ROUNDS = 3                      # rounds; images/s of the median round
 
 
 # ---- runs: `add` and the results table -------------------------------------------------------
