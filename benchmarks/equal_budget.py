@@ -33,6 +33,7 @@ import time
 from unittest import mock
 
 import nbformat
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
@@ -42,6 +43,9 @@ NOTEBOOK_DIR = utils.REPO_DIR / "notebooks"
 TRAIN_IMAGES, VAL_IMAGES = 45_000, 5_000     # CIFAR-10's training and validation splits in every notebook
 EVAL_COST = 1 / 3                            # an evaluated image's cost, relative to a trained one
 FIRST_UNTRAINED_SECTION = ("## 10.", "## Summary")   # headings where the tested network is complete
+# Settings counted in epochs rather than as a share of the run: each keeps its share of the full recipe
+# (ViT warms up for 5 of its 200 epochs), so that a short run still warms up and then decays.
+EPOCH_SETTINGS = {"ViT": {"WARMUP_EPOCHS": 5 / 200}}
 
 
 def sections_0_to_9(name: str) -> nbformat.NotebookNode:
@@ -68,26 +72,37 @@ def run_notebook(name: str, out_dir: pathlib.Path, environment: dict, parameters
     return json.loads((out_dir / f"{name}_history.json").read_text())
 
 
-def epochs_that_fit(budget_s: float, probe_epoch_s: float, probe_images: int,
-                    train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES) -> int:
-    """Whole epochs of `train_images` (validation on `val_images` after each) that fit in
-    `budget_s`, from one probe epoch of `probe_images` training and as many validation images."""
-    if budget_s <= 0 or probe_epoch_s <= 0 or probe_images <= 0:
-        raise ValueError(f"budget, probe time and probe images must be positive, got {budget_s}, "
-                         f"{probe_epoch_s}, {probe_images}")
+def full_epoch_seconds(probe_epoch_s: float, probe_images: int,
+                       train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES) -> float:
+    """Seconds of one epoch of `train_images` with validation on `val_images` after it, from one
+    probe epoch of `probe_images` training and as many validation images."""
+    if probe_epoch_s <= 0 or probe_images <= 0:
+        raise ValueError(f"probe time and probe images must be positive, got {probe_epoch_s}, {probe_images}")
     seconds_per_image = probe_epoch_s / (probe_images * (1 + EVAL_COST))
-    epoch_s = seconds_per_image * (train_images + EVAL_COST * val_images)
+    return seconds_per_image * (train_images + EVAL_COST * val_images)
+
+
+def epochs_that_fit(budget_s: float, epoch_s: float) -> int:
+    """Whole epochs of `epoch_s` seconds that fit in `budget_s`; at least one."""
+    if budget_s <= 0:
+        raise ValueError(f"the budget must be positive, got {budget_s}")
     return max(1, math.floor(budget_s / epoch_s))
 
 
 def run_at_budget(name: str, minutes: float, model_dir: pathlib.Path, probe_images: int, environment: dict) -> dict:
     probe = run_notebook(name, model_dir / "probe", {**environment, "SUBSET": str(probe_images)},
                          {"EPOCHS": 1, "RESUME": False})
-    epochs = epochs_that_fit(60 * minutes, probe["seconds"][0], probe["info"]["train_images"])
+    epoch_s = full_epoch_seconds(probe["seconds"][0], probe["info"]["train_images"])
+    epochs = epochs_that_fit(60 * minutes, epoch_s)
     print(f"{name}: probe epoch of {probe['info']['train_images']:,} images took {probe['seconds'][0]:.1f} s, "
-          f"so {epochs} epoch(s) fit in {minutes:g} minutes", flush=True)
+          f"so {epochs} epoch(s) of about {epoch_s:,.0f} s fit in {minutes:g} minutes "
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()})", flush=True)
+    if epoch_s > 60 * minutes:
+        print(f"{name}: not even one epoch fits in {minutes:g} minutes; it trains for one, over the budget", flush=True)
+    scaled = {setting: share * epochs for setting, share in EPOCH_SETTINGS.get(name, {}).items()}
     start = time.perf_counter()
-    history = run_notebook(name, model_dir, {**environment, "SUBSET": "0"}, {"EPOCHS": epochs, "RESUME": True})
+    history = run_notebook(name, model_dir, {**environment, "SUBSET": "0"},
+                           {"EPOCHS": epochs, "RESUME": True, **scaled})
     wall = time.perf_counter() - start
     print(f"{name}: {epochs} epochs, training {sum(history['seconds']) / 60:.1f} min of the {minutes:g}-minute "
           f"budget ({wall / 60:.1f} min in all), validation {max(history['val_acc']):.2%}, "

@@ -2,6 +2,11 @@
 
     DATA_DIR=/tmp/realdata .venv/bin/python benchmarks/speedrun.py --run-notebook
     .venv/bin/python benchmarks/speedrun.py           # the step timings only: needs no data
+    DATA_DIR=/tmp/realdata .venv/bin/python benchmarks/speedrun.py --race   # against airbench94
+
+`--race` runs the fastest public recipe (benchmarks/peer_airbench.py) and then the notebook's, on
+the same data and threads, after timing the CustomCNN yardstick, and writes both accuracy-time
+points and their ratios to results/Speedrun-race.json.
 
 The course's speedrun targets are ratios, so that they mean the same on any machine: the
 notebook's wall-clock seconds (whitening + training with per-epoch validation + the TTA test
@@ -48,6 +53,7 @@ WIDTHS = {"notebook": (32, 128, 128), "airbench94": (64, 256, 256)}
 TARGETS = {"90 %": 1.5, "94 %": 6.0}   # budget in CustomCNN epochs
 MATMUL_SIZE = 2048                # side of the square float32 matrices of the peak measurement
 RESULT = utils.REPO_DIR / "results" / "Speedrun-budget.json"
+RACE_RESULT = utils.REPO_DIR / "results" / "Speedrun-race.json"
 
 
 def matmul_peak_flops(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
@@ -64,16 +70,24 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
+def customcnn_epoch(batches: int, memory_format=torch.contiguous_format, log=print) -> dict:
+    """The course's yardstick of time: one epoch of CustomCNN.ipynb's recipe (45,000 images, batch
+    128), extrapolated from `batches` timed training steps on random input in `memory_format`."""
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+    torch.manual_seed(0)
+    model = notebook_code.network_class("CustomCNN.ipynb", "MyNet")(num_classes=10)
+    data = train_loop.random_batches(batches, REFERENCE_BATCH_SIZE, 32, 10)
+    rate = train_loop.training_images_per_s(model, data, memory_format, warmup=2)
+    log(f"CustomCNN, {layout}: {rate:.1f} training images/s over {batches} batches of "
+        f"{REFERENCE_BATCH_SIZE}: one epoch of {TRAIN_IMAGES:,} images = {TRAIN_IMAGES / rate:.0f} s")
+    return {"batches": batches, "batch_size": REFERENCE_BATCH_SIZE, "layout": layout, "images_per_s": rate,
+            "epoch_seconds": TRAIN_IMAGES / rate}
+
+
 def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> dict:
-    reference = {}
-    batches = train_loop.random_batches(reference_batches, REFERENCE_BATCH_SIZE, 32, 10)
-    for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        torch.manual_seed(0)
-        model = notebook_code.network_class("CustomCNN.ipynb", "MyNet")(num_classes=10)
-        rate = train_loop.training_images_per_s(model, batches, memory_format, warmup=2)
-        reference[layout] = {"images_per_s": rate, "epoch_seconds": TRAIN_IMAGES / rate}
-        log(f"CustomCNN, {layout}: {rate:.1f} training images/s over {reference_batches} batches of "
-            f"{REFERENCE_BATCH_SIZE}: one epoch of {TRAIN_IMAGES:,} images = {TRAIN_IMAGES / rate:.0f} s")
+    reference = {layout: customcnn_epoch(reference_batches, memory_format, log)
+                 for layout, memory_format in (("contiguous", torch.contiguous_format),
+                                               ("channels_last", torch.channels_last))}
     epoch_seconds = reference["contiguous"]["epoch_seconds"]      # the article's recipe: the targets' unit
     peak = matmul_peak_flops()
     log(f"float32 matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE}): {peak / 1e9:.1f} GFLOP/s")
@@ -91,7 +105,9 @@ def measure_steps(reference_batches: int, speedrun_batches: int, log=print) -> d
         log(f"SpeedNet {widths}: {rate:.1f} training images/s (batch {SPEEDRUN_BATCH_SIZE}), "
             f"{forward / 1e6:.0f} M multiply-adds, {share:.1%} of the matmul peak")
     return {"customcnn": {"batches": reference_batches, "batch_size": REFERENCE_BATCH_SIZE,
-                          "epoch_seconds": epoch_seconds, **reference},
+                          "epoch_seconds": epoch_seconds,
+                          **{layout: {key: row[key] for key in ("images_per_s", "epoch_seconds")}
+                             for layout, row in reference.items()}},
             "matmul_peak_gflops": peak / 1e9, "speednet": networks,
             "budgets_seconds": {target: epochs * epoch_seconds for target, epochs in TARGETS.items()}}
 
@@ -115,23 +131,61 @@ def compile_speedup(batches: int, backend: str = "inductor", log=print) -> dict:
             "plain_images_per_s": plain_rate, "ratio": compiled_rate / plain_rate}
 
 
-def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None, log=print) -> dict:
-    """Execute Speedrun.ipynb with papermill (`EPOCHS` set, the ablation off) on `data_dir`; the
-    history it recorded. The executed notebook and its model folder are kept in `work_dir` when
-    given, else in a scratch folder that is removed."""
+def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None,
+                 log=print) -> tuple[dict, float]:
+    """Execute Speedrun.ipynb with papermill (`EPOCHS` set, the ablation off) on `data_dir`, its
+    kernel on as many threads as this process; the history it recorded and the seconds of the whole
+    execution. The executed notebook and its model folder are kept in `work_dir` when given, else
+    in a scratch folder that is removed."""
     import papermill
 
     with tempfile.TemporaryDirectory(prefix="speedrun-") as scratch:
         scratch = pathlib.Path(work_dir or scratch)
         paths = {"DATA_DIR": str(data_dir), "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs")}
+        threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
         start = time.perf_counter()
-        with mock.patch.dict(os.environ, {**paths, "SUBSET": "0"}):   # the settings cell reads the paths from here
+        with mock.patch.dict(os.environ, {**paths, **threads, "SUBSET": "0"}):   # the settings cell reads the paths from here
             papermill.execute_notebook(utils.REPO_DIR / "notebooks" / "Speedrun.ipynb", scratch / "Speedrun.ipynb",
                                        parameters={"EPOCHS": epochs, "RUN_ABLATION": False},
                                        cwd=utils.REPO_DIR / "notebooks", progress_bar=False)
-        log(f"notebook executed in {time.perf_counter() - start:.0f} s (kernel start and every cell)")
+        job_seconds = time.perf_counter() - start
+        log(f"notebook executed in {job_seconds:.0f} s (kernel start and every cell)")
         history = json.loads((scratch / "model" / "Speedrun_history.json").read_text())
-    return history
+    return history, job_seconds
+
+
+def race(data_dir: pathlib.Path, epochs: int, reference_batches: int, work_dir: pathlib.Path | None = None,
+         peer_epochs: float | None = None, peer_batch_size: int | None = None, log=print) -> dict:
+    """The peer (benchmarks/peer_airbench.py) and Speedrun.ipynb with `epochs` back to back on
+    `data_dir` and the same threads, the CustomCNN yardstick timed first: both accuracy-time points
+    and their ratios. Each time is counted two ways: by the recipe's own timer (whitening, training
+    and the final evaluation with test-time augmentation, from the data in memory; the notebook's
+    also holds its per-epoch validation) and as the whole job's wall time."""
+    from benchmarks import peer_airbench
+
+    measured = {**peer_airbench.environment(), "customcnn": customcnn_epoch(reference_batches, log=log)}
+    peer = measured["peer"] = peer_airbench.run_peer(data_dir, peer_epochs, peer_batch_size, log)
+    history, job_seconds = run_notebook(epochs, data_dir, work_dir, log)
+    ours = measured["speedrun"] = {
+        "recipe": f"Speedrun.ipynb, EPOCHS={epochs}", "epochs": len(history["epoch"]),
+        "train_images": history["info"]["train_images"], "tta_level": history["info"]["tta_level"],
+        "val_acc_tta": history["info"]["val_acc_tta"], "test_acc_tta": history["test_acc"],
+        "timer_seconds": history["info"]["total_seconds"], "job_seconds": job_seconds}
+    epoch_seconds = measured["customcnn"]["epoch_seconds"]
+    for run in (peer, ours):
+        run["customcnn_epochs"] = run["timer_seconds"] / epoch_seconds
+    measured["ratios"] = {"test_points": 100 * (ours["test_acc_tta"] - peer["test_acc_tta"]),
+                          "timer": ours["timer_seconds"] / peer["timer_seconds"],
+                          "job": ours["job_seconds"] / peer["job_seconds"]}
+    measured["target_met"] = ours["test_acc_tta"] >= peer["test_acc_tta"] and ours["job_seconds"] <= peer["job_seconds"]
+    for label, run in (("airbench94", peer), ("Speedrun", ours)):
+        log(f"{label:>10}: test {run['test_acc_tta']:.2%} (TTA level {run['tta_level']}) in {run['timer_seconds']:,.0f} s "
+            f"by its timer = {run['customcnn_epochs']:.2f} CustomCNN epochs; {run['job_seconds']:,.0f} s for the whole job")
+    ratios = measured["ratios"]
+    log(f"Speedrun - airbench94: {ratios['test_points']:+.2f} points of test accuracy in {ratios['timer']:.2f} of its "
+        f"timed seconds ({ratios['job']:.2f} of its job); target (at least its accuracy in no more time): "
+        f"{'met' if measured['target_met'] else 'not met'}")
+    return measured
 
 
 def main(argv=None) -> dict:
@@ -140,18 +194,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--speedrun-batches", type=int, default=20, help="SpeedNet batches timed per width")
     parser.add_argument("--run-notebook", action="store_true", help="then execute Speedrun.ipynb on DATA_DIR")
     parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
-    parser.add_argument("--output", type=pathlib.Path, default=RESULT)
+    parser.add_argument("--race", action="store_true",
+                        help="instead: the peer (benchmarks/peer_airbench.py), then Speedrun.ipynb, on DATA_DIR")
+    parser.add_argument("--peer-epochs", type=float, help=argparse.SUPPRESS)       # the tests' tiny race
+    parser.add_argument("--peer-batch-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=pathlib.Path, help=f"default {RESULT.name}, or {RACE_RESULT.name} with --race")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
     parser.add_argument("--work-dir", type=pathlib.Path, help="keep the executed notebook and its model folder here")
     parser.add_argument("--compile", action="store_true", help="also time SpeedNet's step under torch.compile")
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)   # the tests use "eager"
     args = parser.parse_args(argv)
-    if args.run_notebook:          # check before minutes of timing, not after
+    args.output = args.output or (RACE_RESULT if args.race else RESULT)
+    if args.run_notebook or args.race:          # check before minutes of timing, not after
         if args.output.exists() and not args.force:
             parser.error(f"{args.output} exists (a recorded run the README may cite): pass another --output, "
                          f"or --force to replace it")
         data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
         utils.load_cifar10(data_dir, subset=1, download=False)   # DataNotFoundError names DATA_DIR
+    if args.race:
+        measured = race(data_dir, args.epochs, args.reference_batches, args.work_dir, args.peer_epochs,
+                        args.peer_batch_size)
+        args.output.write_text(json.dumps(measured, indent=1) + "\n")
+        print(f"wrote {args.output}")
+        return measured
     measured = {"machine": utils.hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "load_average": round(os.getloadavg()[0], 1),
@@ -159,7 +224,7 @@ def main(argv=None) -> dict:
     if args.compile:
         measured["compile"] = compile_speedup(args.speedrun_batches, args.compile_backend)
     if args.run_notebook:
-        history = run_notebook(args.epochs, data_dir, args.work_dir)
+        history, _ = run_notebook(args.epochs, data_dir, args.work_dir)
         total = history["info"]["total_seconds"]
         ratio = total / measured["customcnn"]["epoch_seconds"]
         ratio_channels_last = total / measured["customcnn"]["channels_last"]["epoch_seconds"]

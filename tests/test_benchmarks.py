@@ -171,3 +171,63 @@ def test_notebook_times_runs_a_notebook_as_quick_mode_does(tmp_path):
     assert lenet["seconds"] > 0 and 0 <= lenet["test_acc"] <= 1
     from tests.quickmode import QUICK_RUNS
     assert lenet["epochs"] == QUICK_RUNS["LeNet5"][0]
+
+
+def test_the_peer_redirection_keeps_float32_on_the_cpu_and_times_on_the_wall_clock(tmp_path):
+    peer_airbench = load_script("peer_airbench")
+    intervals, cuda_event, working_dir = [], torch.cuda.Event, pathlib.Path.cwd()
+    with peer_airbench.on_the_cpu(tmp_path, intervals):
+        assert pathlib.Path.cwd() == tmp_path
+        net = torch.nn.Linear(2, 2).half().cuda()
+        assert net.weight.dtype == torch.float32 and net.weight.device.type == "cpu"
+        assert torch.zeros(1, dtype=torch.uint8).half().dtype == torch.float32
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        time.sleep(0.05)
+        end.record()
+        torch.cuda.synchronize()
+        milliseconds = start.elapsed_time(end)
+    assert pathlib.Path.cwd() == working_dir
+    assert 50 <= milliseconds < 1000 and intervals == [pytest.approx(milliseconds / 1000)]
+    assert torch.zeros(1).half().dtype == torch.float16          # everything is put back afterwards
+    assert torch.cuda.Event is cuda_event and torch.nn.Linear(2, 2).half().weight.dtype == torch.float16
+
+
+def test_the_peer_trains_airbench94_on_the_course_data_and_times_it(data_dir, tmp_path, monkeypatch, capsys):
+    """airbench94's training loop, four tiny epochs on generated data: it learns under the
+    redirection (about 90 % against 10 % chance), and its timer (whitening, training, TTA
+    evaluation) lies inside the whole job's time."""
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    output = tmp_path / "peer.json"
+    measured = load_script("peer_airbench").main(["--epochs", "4", "--batch-size", "16", "--reference-batches", "1",
+                                                  "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(measured))
+    peer = measured["peer"]
+    assert peer["train_images"] == 80 and peer["tta_level"] == 2 and peer["batch_size"] == 16
+    assert peer["test_acc_tta"] >= 0.3 and 0 <= peer["test_acc"] <= 1    # at least 3x chance
+    assert 0 < peer["timer_seconds"] <= peer["job_seconds"]
+    assert peer["customcnn_epochs"] == pytest.approx(peer["timer_seconds"] / measured["customcnn"]["epoch_seconds"])
+    assert measured["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"test {peer['test_acc_tta']:.2%} with TTA level 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                              # a recorded run is never replaced silently
+        load_script("peer_airbench").main(["--output", str(output)])
+
+
+def test_the_race_runs_the_peer_then_the_notebook_and_compares_them(data_dir, tmp_path, monkeypatch):
+    """The peer for real (tiny), the notebook's run replaced by a recorded history (the notebook
+    itself runs in the budget test above): the ratios and the target follow from both points."""
+    speedrun = load_script("speedrun")
+    history = {"epoch": [1], "val_acc": [0.5], "test_acc": 0.95,
+               "info": {"train_images": 45000, "tta_level": 2, "val_acc_tta": 0.51, "total_seconds": 0.001}}
+    monkeypatch.setattr(speedrun, "run_notebook", lambda *args, **kwargs: (history, 0.002))
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    output = tmp_path / "race.json"
+    measured = speedrun.main(["--race", "--epochs", "1", "--reference-batches", "1", "--peer-epochs", "1",
+                              "--peer-batch-size", "16", "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(measured))
+    peer, ours, ratios = measured["peer"], measured["speedrun"], measured["ratios"]
+    assert ours["test_acc_tta"] == 0.95 and ours["timer_seconds"] == 0.001 and ours["job_seconds"] == 0.002
+    assert ratios["test_points"] == pytest.approx(100 * (0.95 - peer["test_acc_tta"]))
+    assert ratios["timer"] == pytest.approx(0.001 / peer["timer_seconds"])
+    assert ratios["job"] == pytest.approx(0.002 / peer["job_seconds"])
+    assert measured["target_met"] == (0.95 >= peer["test_acc_tta"])    # 2 ms is never slower than the peer

@@ -6,15 +6,19 @@ import pytest
 from benchmarks import equal_budget
 
 
-def test_epochs_that_fit_scale_the_probe_to_the_whole_split():
+def test_the_probe_scales_to_the_whole_split_and_the_epochs_that_fit():
     # 2,250 images trained and 2,250 validated in 30 s: 30 / 3,000 image-units = 0.01 s a unit;
     # a full epoch is 45,000 + 5,000 / 3 units = 466.7 s, so 3 fit in 1,800 s and 1 in 500 s
-    assert equal_budget.epochs_that_fit(1800, 30, 2250) == 3
-    assert equal_budget.epochs_that_fit(500, 30, 2250) == 1
-    assert equal_budget.epochs_that_fit(60, 30, 2250) == 1           # at least one epoch, always
-    assert equal_budget.epochs_that_fit(1800, 30, 2250, train_images=4500, val_images=500) == 38
+    epoch_s = equal_budget.full_epoch_seconds(30, 2250)
+    assert epoch_s == pytest.approx(466.67, abs=0.01)
+    assert equal_budget.epochs_that_fit(1800, epoch_s) == 3
+    assert equal_budget.epochs_that_fit(500, epoch_s) == 1
+    assert equal_budget.epochs_that_fit(60, epoch_s) == 1           # at least one epoch, always
+    assert equal_budget.full_epoch_seconds(30, 2250, train_images=4500, val_images=500) == pytest.approx(46.67, abs=0.01)
     with pytest.raises(ValueError, match="positive"):
-        equal_budget.epochs_that_fit(1800, 0, 2250)
+        equal_budget.full_epoch_seconds(0, 2250)
+    with pytest.raises(ValueError, match="positive"):
+        equal_budget.epochs_that_fit(0, epoch_s)
 
 
 @pytest.mark.parametrize("name", ["ResNet", "CustomCNN", "LeNet5"])
@@ -27,16 +31,22 @@ def test_the_notebook_run_is_its_sections_0_to_9(name):
     assert any("utils.test_chosen_model" in cell.source or "test_acc" in cell.source for cell in cells)
 
 
-def test_the_probe_sets_the_epochs_of_the_run(tmp_path, monkeypatch):
+def fake_notebook_runs(monkeypatch, probe_seconds: float) -> list:
+    """Replace the notebook runs by ones whose probe epoch takes `probe_seconds`; the calls made."""
     calls = []
 
     def fake_run_notebook(name, out_dir, environment, parameters):
         calls.append((out_dir, environment["SUBSET"], parameters))
         epochs = parameters["EPOCHS"]
-        return {"seconds": [20.0] * epochs, "info": {"train_images": 2250 if epochs == 1 else 45000},
+        return {"seconds": [probe_seconds] * epochs, "info": {"train_images": 2250 if out_dir.name == "probe" else 45000},
                 "val_acc": [0.5] * epochs, "test_acc": 0.49}
 
     monkeypatch.setattr(equal_budget, "run_notebook", fake_run_notebook)
+    return calls
+
+
+def test_the_probe_sets_the_epochs_of_the_run(tmp_path, monkeypatch, capsys):
+    calls = fake_notebook_runs(monkeypatch, probe_seconds=20.0)
     history = equal_budget.run_at_budget("LeNet5", 5, tmp_path / "LeNet5", 2250, {"DATA_DIR": "data"})
     (probe_dir, probe_subset, probe_parameters), (run_dir, run_subset, run_parameters) = calls
     assert probe_dir == tmp_path / "LeNet5" / "probe" and probe_subset == "2250"
@@ -44,3 +54,13 @@ def test_the_probe_sets_the_epochs_of_the_run(tmp_path, monkeypatch):
     # 20 s for 3,000 units: an epoch of 46,667 units is 311 s, so 300 s fit 1 epoch (never 0)
     assert run_dir == tmp_path / "LeNet5" and run_subset == "0" and run_parameters == {"EPOCHS": 1, "RESUME": True}
     assert history["test_acc"] == 0.49
+    assert "not even one epoch fits" in capsys.readouterr().out
+
+
+def test_a_warm_up_counted_in_epochs_keeps_its_share_of_the_recipe(tmp_path, monkeypatch):
+    # ViT warms up for 5 of its 200 epochs; an 11-epoch run warms up for 0.275 of an epoch, not 5
+    calls = fake_notebook_runs(monkeypatch, probe_seconds=10.0)
+    equal_budget.run_at_budget("ViT", 30, tmp_path / "ViT", 2250, {"DATA_DIR": "data"})
+    run_parameters = calls[-1][2]
+    epochs = run_parameters["EPOCHS"]                 # 10 s a probe: 155.6 s an epoch, 11 fit in 1,800 s
+    assert epochs == 11 and run_parameters["WARMUP_EPOCHS"] == pytest.approx(5 / 200 * epochs)
