@@ -14,8 +14,9 @@ For each notebook:
    validation images (an evaluated image costs about a third of a trained one); at least one.
 3. The notebook's sections 0-9 then run with `EPOCHS` set to that number, so its schedule (one-
    cycle, cosine, warm-up and decay, steps) is fitted to those epochs exactly as a reader's
-   `-p EPOCHS` would fit it. Section 10 and later are left out: they teach, they do not train
-   the network that is tested.
+   `-p EPOCHS` would fit it (a setting counted in epochs, ViT's warm-up, keeps its share of the
+   recipe). Section 10 and later are left out: they teach, they do not train the network that is
+   tested. Test-time augmentation is off for every network: the test reads the plain network.
 
 The history JSON and the executed notebook land in `--model-dir`; the script prints the epochs,
 the budget, the training time the run actually took and the test accuracy section 5 read once.
@@ -46,6 +47,9 @@ FIRST_UNTRAINED_SECTION = ("## 10.", "## Summary")   # headings where the tested
 # Settings counted in epochs rather than as a share of the run: each keeps its share of the full recipe
 # (ViT warms up for 5 of its 200 epochs), so that a short run still warms up and then decays.
 EPOCH_SETTINGS = {"ViT": {"WARMUP_EPOCHS": 5 / 200}}
+# No test-time augmentation for any network, so that the comparison is of what each learned in its
+# training time (TTA would add up to 9 evaluation passes, half an hour for the slowest networks).
+NO_TTA = {"TTA_LEVELS": [0], "TTA_LEVEL": 0}
 
 
 def sections_0_to_9(name: str) -> nbformat.NotebookNode:
@@ -60,12 +64,15 @@ def sections_0_to_9(name: str) -> nbformat.NotebookNode:
 
 
 def run_notebook(name: str, out_dir: pathlib.Path, environment: dict, parameters: dict) -> dict:
-    """Execute sections 0-9 of notebook `name` with papermill; the history JSON it wrote."""
+    """Execute sections 0-9 of notebook `name` with papermill, test-time augmentation off; the
+    history JSON it wrote."""
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
     trimmed = out_dir / f"{name}-sections-0-9.ipynb"
     nbformat.write(sections_0_to_9(name), trimmed)
+    settings = papermill.inspect_notebook(trimmed)
+    parameters = {**{key: value for key, value in NO_TTA.items() if key in settings}, **parameters}
     with mock.patch.dict(os.environ, {**environment, "MODEL_DIR": str(out_dir)}):
         papermill.execute_notebook(trimmed, out_dir / f"{name}-executed.ipynb", parameters=parameters,
                                    cwd=str(NOTEBOOK_DIR), progress_bar=False)

@@ -64,3 +64,19 @@ def test_a_warm_up_counted_in_epochs_keeps_its_share_of_the_recipe(tmp_path, mon
     run_parameters = calls[-1][2]
     epochs = run_parameters["EPOCHS"]                 # 10 s a probe: 155.6 s an epoch, 11 fit in 1,800 s
     assert epochs == 11 and run_parameters["WARMUP_EPOCHS"] == pytest.approx(5 / 200 * epochs)
+
+
+@pytest.mark.parametrize("name, tta_setting", [("ResNet", {"TTA_LEVELS": [0]}), ("Speedrun", {"TTA_LEVEL": 0}),
+                                               ("LeNet5", {})])
+def test_every_network_is_tested_without_test_time_augmentation(name, tta_setting, tmp_path, monkeypatch):
+    import papermill
+
+    executed = {}
+
+    def fake_execute(source, output, parameters, **options):
+        executed.update(parameters)
+        (tmp_path / f"{name}_history.json").write_text('{"seconds": [1.0]}')
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    equal_budget.run_notebook(name, tmp_path, {}, {"EPOCHS": 3})
+    assert executed == {**tta_setting, "EPOCHS": 3}              # only the settings the notebook has
