@@ -38,7 +38,8 @@ def fake_notebook_runs(monkeypatch, probe_seconds: float) -> list:
     def fake_run_notebook(name, out_dir, environment, parameters):
         calls.append((out_dir, environment["SUBSET"], parameters))
         epochs = parameters["EPOCHS"]
-        return {"seconds": [probe_seconds] * epochs, "info": {"train_images": 2250 if out_dir.name == "probe" else 45000},
+        seconds = [2 * probe_seconds] + [probe_seconds] * (epochs - 1)      # the first epoch pays for warm-up
+        return {"seconds": seconds, "info": {"train_images": 2250 if out_dir.name == "probe" else 45000},
                 "val_acc": [0.5] * epochs, "test_acc": 0.49}
 
     monkeypatch.setattr(equal_budget, "run_notebook", fake_run_notebook)
@@ -50,7 +51,7 @@ def test_the_probe_sets_the_epochs_of_the_run(tmp_path, monkeypatch, capsys):
     history = equal_budget.run_at_budget("LeNet5", 5, tmp_path / "LeNet5", 2250, {"DATA_DIR": "data"})
     (probe_dir, probe_subset, probe_parameters), (run_dir, run_subset, run_parameters) = calls
     assert probe_dir == tmp_path / "LeNet5" / "probe" and probe_subset == "2250"
-    assert probe_parameters == {"EPOCHS": 1, "RESUME": False}
+    assert probe_parameters == {"EPOCHS": 2, "RESUME": False}       # the second epoch is timed
     # 20 s for 3,000 units: an epoch of 46,667 units is 311 s, so 300 s fit 1 epoch (never 0)
     assert run_dir == tmp_path / "LeNet5" and run_subset == "0" and run_parameters == {"EPOCHS": 1, "RESUME": True}
     assert history["test_acc"] == 0.49
