@@ -2,8 +2,8 @@
 fit in the same wall-clock training time on this machine, validation-chosen, test read once.
 
     DATA_DIR=/path/to/data .venv/bin/python benchmarks/equal_budget.py ResNet LeNet5 --minutes 30
-    .venv/bin/python tools/make_tables.py add model/equal-budget/ResNet_history.json --name ResNet \\
-        --note "equal CPU budget: 30 min" --budget-minutes 30
+    .venv/bin/python tools/make_tables.py add model/equal-budget/ResNet/ResNet_history.json --name ResNet \\
+        --note "equal CPU budget: 30 min, float32, AVX512" --budget-minutes 30
     .venv/bin/python tools/make_tables.py          # the lab book's equal-budget table and figure
 
 For each notebook:

@@ -44,7 +44,7 @@ QUICK_SETTINGS = {
 # evaluation costing as much as their training. Each setting learns with a margin over LEARNED_FACTOR x
 # chance: measured in the lab book, "Quick mode".
 QUICK_RUNS = {"CustomCNN": (4, 0, {}), "LeNet5": (30, 0, {}), "AlexNet-32": (80, 0, {}),
-              "AlexNet-227": (16, 32, {}), "ZFNet": (12, 32, {"LEARNING_RATE": 1e-4}),
+              "AlexNet-227": (10, 32, {}), "ZFNet": (12, 32, {"LEARNING_RATE": 1e-4}),
               "VGG16": (30, 64, {"MAX_LR": 0.01}), "ResNet": (60, 64, {}), "Speedrun": (30, 0, {}),
               "AlexNet-Flowers": (8, 0, {}), "DDP": (30, 0, {}),
               "GoogLeNet": (12, 16, {"TTA_LEVELS": [0]}),
