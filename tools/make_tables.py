@@ -21,6 +21,7 @@ import shutil
 import sys
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -271,10 +272,12 @@ def write_equal_budget_figure(path: pathlib.Path | None = None) -> pathlib.Path:
         axes.grid(True, alpha=0.3)
     if measured:
         by_time.legend(fontsize=8)
+    for axes in (by_size, by_work):
+        axes.xaxis.set_minor_formatter(NullFormatter())       # labelled minor ticks overlap on a short log axis
+        axes.margins(x=0.15, y=0.1)                            # room for the names beside the points
     missing = [name for name in EQUAL_BUDGET if name not in measured]
     if missing:
-        by_time.annotate(f"not measured: {', '.join(missing)}", (0, 0), xycoords="axes fraction", xytext=(0, -40),
-                         textcoords="offset points", va="top", fontsize=8, annotation_clip=False)
+        figure.supxlabel(f"not measured: {', '.join(missing)}", fontsize=8)
     path = path or RESULTS / EQUAL_BUDGET_FIGURE
     figure.savefig(path, dpi=100)
     return path
