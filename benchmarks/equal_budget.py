@@ -10,8 +10,7 @@ For each notebook:
 
 1. A probe runs the notebook's sections 0-9 for two epochs on `--probe-images` training images
    (and as many validation images) and times the second, data pipeline and validation included
-   (the first also pays one-time costs, memory and kernel choice, which made a one-epoch probe
-   overestimate MobileNetV2's epoch by 27 %).
+   (the first also pays one-time costs: memory, kernel choice).
 2. The epochs that fit in the budget follow from the probe, scaled to 45,000 training and 5,000
    validation images (an evaluated image costs about a third of a trained one); at least one.
 3. The notebook's sections 0-9 then run with `EPOCHS` set to that number, so its schedule (one-
