@@ -21,11 +21,9 @@ DEMO_SUBSET ?= 0
 
 .PHONY: demo test lab
 
-# --no-compile: Python compiles a module when it is first imported, so pip need not compile all of
-# torch's; a fresh install took 53 s instead of 73 s (results/README.md, "Room in the suite").
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 demo: $(BIN)/.installed
