@@ -35,14 +35,13 @@ import pathlib
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
-from benchmarks import train_loop  # noqa: E402
+from benchmarks import peer_airbench, train_loop  # noqa: E402
 from benchmarks.throughput import mult_adds  # noqa: E402
 from tools import notebook_code  # noqa: E402
 
@@ -161,8 +160,6 @@ def race(data_dir: pathlib.Path, epochs: int, reference_batches: int, work_dir: 
     and their ratios. Each time is counted two ways: by the recipe's own timer (whitening, training
     and the final evaluation with test-time augmentation, from the data in memory; the notebook's
     also holds its per-epoch validation) and as the whole job's wall time."""
-    from benchmarks import peer_airbench
-
     measured = {**peer_airbench.environment(), "customcnn": customcnn_epoch(reference_batches, log=log)}
     peer = measured["peer"] = peer_airbench.run_peer(data_dir, peer_epochs, peer_batch_size, log)
     history, job_seconds = run_notebook(epochs, data_dir, work_dir, log)
@@ -217,10 +214,7 @@ def main(argv=None) -> dict:
         args.output.write_text(json.dumps(measured, indent=1) + "\n")
         print(f"wrote {args.output}")
         return measured
-    measured = {"machine": utils.hardware(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "load_average": round(os.getloadavg()[0], 1),
-                **measure_steps(args.reference_batches, args.speedrun_batches)}
+    measured = {**peer_airbench.environment(), **measure_steps(args.reference_batches, args.speedrun_batches)}
     if args.compile:
         measured["compile"] = compile_speedup(args.speedrun_batches, args.compile_backend)
     if args.run_notebook:
