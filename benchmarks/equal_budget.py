@@ -39,13 +39,13 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from tools import notebook_code  # noqa: E402
 from tools.notebook_code import NETWORKS  # noqa: E402
 
 NOTEBOOK_DIR = utils.REPO_DIR / "notebooks"
 TRAIN_IMAGES, VAL_IMAGES = 45_000, 5_000     # CIFAR-10's training and validation splits in every notebook
 EVAL_COST = 1 / 3                            # an evaluated image's cost, relative to a trained one
 PROBE_EPOCHS = 2                             # the last one is timed
-FIRST_UNTRAINED_SECTION = ("## 10.", "## Summary")   # headings where the tested network is complete
 # Settings counted in epochs rather than as a share of the run: each keeps its share of the full recipe
 # (ViT warms up for 5 of its 200 epochs), so that a short run still warms up and then decays.
 EPOCH_SETTINGS = {"ViT": {"WARMUP_EPOCHS": 5 / 200}}
@@ -55,14 +55,9 @@ NO_TTA = {"TTA_LEVELS": [0], "TTA_LEVEL": 0}
 
 
 def sections_0_to_9(name: str) -> nbformat.NotebookNode:
-    """Notebook `name` without section 10 and what follows it."""
-    notebook = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
-    for index, cell in enumerate(notebook.cells):
-        if cell.cell_type == "markdown" and any(line.startswith(FIRST_UNTRAINED_SECTION)
-                                                for line in cell.source.splitlines()):
-            notebook.cells = notebook.cells[:index]
-            break
-    return notebook
+    """Notebook `name` without section 10 and what follows it: they teach, they do not train the
+    network that is tested."""
+    return notebook_code.sections(f"{name}.ipynb", range(10))
 
 
 def run_notebook(name: str, out_dir: pathlib.Path, environment: dict, parameters: dict) -> dict:

@@ -3,6 +3,11 @@
     DATA_DIR=/tmp/realdata .venv/bin/python benchmarks/speedrun.py --run-notebook
     .venv/bin/python benchmarks/speedrun.py           # the step timings only: needs no data
     DATA_DIR=/tmp/realdata .venv/bin/python benchmarks/speedrun.py --race   # against airbench94
+    DATA_DIR=/tmp/realdata .venv/bin/python benchmarks/speedrun.py --ablation --seeds 0 1 2
+
+`--ablation` runs the notebook's section 10 after its sections 0-3 only (settings, data, network
+and whitening, optimizer), so that the main training and the test set, sections 4-9, never run,
+and writes the rows to results/Speedrun-ablation.json.
 
 `--race` runs the fastest public recipe (benchmarks/peer_airbench.py) and then the notebook's, on
 the same data and threads, after timing the CustomCNN yardstick, and writes both accuracy-time
@@ -37,6 +42,7 @@ import tempfile
 import time
 from unittest import mock
 
+import nbformat
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -53,6 +59,8 @@ TARGETS = {"90 %": 1.5, "94 %": 6.0}   # budget in CustomCNN epochs
 MATMUL_SIZE = 2048                # side of the square float32 matrices of the peak measurement
 RESULT = utils.REPO_DIR / "results" / "Speedrun-budget.json"
 RACE_RESULT = utils.REPO_DIR / "results" / "Speedrun-race.json"
+ABLATION_RESULT = utils.REPO_DIR / "results" / "Speedrun-ablation.json"
+ABLATION_SECTIONS = (0, 1, 2, 3, 10)   # setup, data, network and whitening, optimizer; the ablation
 
 
 def matmul_peak_flops(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
@@ -153,6 +161,31 @@ def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | N
     return history, job_seconds
 
 
+def run_ablation(epochs: int, seeds: list[int], data_dir: pathlib.Path, work_dir: pathlib.Path | None = None,
+                 subset: int = 0, log=print) -> dict:
+    """Speedrun.ipynb's section 10 with `epochs` per row, once per seed in `seeds`, executed with
+    papermill after sections 0-3 only, its kernel on as many threads as this process: the rows as
+    the notebook recorded them. Kept in `work_dir` when given, else in a scratch folder."""
+    import papermill
+
+    with tempfile.TemporaryDirectory(prefix="speedrun-ablation-") as scratch:
+        scratch = pathlib.Path(work_dir or scratch)
+        scratch.mkdir(parents=True, exist_ok=True)
+        trimmed = scratch / "Speedrun-sections-0-3-10.ipynb"
+        nbformat.write(notebook_code.sections("Speedrun.ipynb", ABLATION_SECTIONS), trimmed)
+        environment = {"DATA_DIR": str(data_dir), "MODEL_DIR": str(scratch / "model"),
+                       "RUNS_DIR": str(scratch / "runs"), "SUBSET": str(subset),
+                       "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        start = time.perf_counter()
+        with mock.patch.dict(os.environ, environment):
+            papermill.execute_notebook(trimmed, scratch / "Speedrun-ablation.ipynb", cwd=utils.REPO_DIR / "notebooks",
+                                       parameters={"RUN_ABLATION": True, "EPOCHS": epochs, "ABLATION_EPOCHS": epochs,
+                                                   "ABLATION_SEEDS": list(seeds)}, progress_bar=False)
+        log(f"ablation executed in {time.perf_counter() - start:.0f} s")
+        written, = (scratch / "model").glob("Speedrun-ablation-*.json")
+        return json.loads(written.read_text())
+
+
 def race(data_dir: pathlib.Path, epochs: int, reference_batches: int, work_dir: pathlib.Path | None = None,
          peer_epochs: float | None = None, peer_batch_size: int | None = None, log=print) -> dict:
     """The peer (benchmarks/peer_airbench.py) and Speedrun.ipynb with `epochs` back to back on
@@ -193,21 +226,35 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
     parser.add_argument("--race", action="store_true",
                         help="instead: the peer (benchmarks/peer_airbench.py), then Speedrun.ipynb, on DATA_DIR")
+    parser.add_argument("--ablation", action="store_true",
+                        help="instead: section 10's ablation on DATA_DIR, without sections 4-9 (no test set)")
+    parser.add_argument("--ablation-epochs", type=int, default=4, help="epochs per ablation row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation seeds (each row once per seed)")
     parser.add_argument("--peer-epochs", type=float, help=argparse.SUPPRESS)       # the tests' tiny race
     parser.add_argument("--peer-batch-size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=pathlib.Path, help=f"default {RESULT.name}, or {RACE_RESULT.name} with --race")
+    parser.add_argument("--output", type=pathlib.Path,
+                        help=f"default {RESULT.name}; {RACE_RESULT.name} with --race, {ABLATION_RESULT.name} with --ablation")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
     parser.add_argument("--work-dir", type=pathlib.Path, help="keep the executed notebook and its model folder here")
     parser.add_argument("--compile", action="store_true", help="also time SpeedNet's step under torch.compile")
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)   # the tests use "eager"
     args = parser.parse_args(argv)
-    args.output = args.output or (RACE_RESULT if args.race else RESULT)
-    if args.run_notebook or args.race:          # check before minutes of timing, not after
+    if args.race and args.ablation:
+        parser.error("--race and --ablation are separate runs: pass one")
+    args.output = args.output or (RACE_RESULT if args.race else ABLATION_RESULT if args.ablation else RESULT)
+    if args.run_notebook or args.race or args.ablation:          # check before minutes of timing, not after
         if args.output.exists() and not args.force:
             parser.error(f"{args.output} exists (a recorded run the README may cite): pass another --output, "
                          f"or --force to replace it")
         data_dir = utils.env_path("DATA_DIR", utils.REPO_DIR / "data")
         utils.load_cifar10(data_dir, subset=1, download=False)   # DataNotFoundError names DATA_DIR
+    if args.ablation:
+        ablation = run_ablation(args.ablation_epochs, args.seeds, data_dir, args.work_dir)
+        ablation["method"] = ("benchmarks/speedrun.py --ablation: Speedrun.ipynb's sections 0-3 and 10 executed "
+                              "with papermill, so the main training and the test evaluation never ran")
+        args.output.write_text(json.dumps(ablation, indent=1) + "\n")
+        print(f"wrote {args.output}")
+        return ablation
     if args.race:
         measured = race(data_dir, args.epochs, args.reference_batches, args.work_dir, args.peer_epochs,
                         args.peer_batch_size)

@@ -41,11 +41,13 @@ QUICK_SETTINGS = {
 # 32 images give 4 steps an epoch (single steps of 32 at 0.1 left validation at chance); ViT keeps
 # its network but skips AutoAugment and the warm-up, which would take most of 6 epochs; GoogLeNet
 # evaluates without test-time augmentation and DenseNet times section 10 on one tiny step, their
-# evaluation costing as much as their training. Each setting learns with a margin over LEARNED_FACTOR x
-# chance: measured in the lab book, "Quick mode".
+# evaluation costing as much as their training; Speedrun's ablation trains each of its rows for one
+# epoch with one seed (the two-seed path runs in tests/test_benchmarks.py). Each setting learns
+# with a margin over LEARNED_FACTOR x chance: measured in the lab book, "Quick mode".
 QUICK_RUNS = {"CustomCNN": (4, 0, {}), "LeNet5": (30, 0, {}), "AlexNet-32": (80, 0, {}),
               "AlexNet-227": (10, 32, {}), "ZFNet": (12, 32, {"LEARNING_RATE": 1e-4}),
-              "VGG16": (30, 64, {"MAX_LR": 0.01}), "ResNet": (60, 64, {}), "Speedrun": (30, 0, {}),
+              "VGG16": (30, 64, {"MAX_LR": 0.01}), "ResNet": (60, 64, {}),
+              "Speedrun": (30, 0, {"ABLATION_EPOCHS": 1, "ABLATION_SEEDS": [0]}),
               "AlexNet-Flowers": (8, 0, {}), "DDP": (30, 0, {}),
               "GoogLeNet": (12, 16, {"TTA_LEVELS": [0]}),
               "DenseNet": (12, 16, {"SPEED_BATCH_SIZE": 2, "SPEED_WARMUP": 1, "SPEED_STEPS": 1}),

@@ -231,3 +231,24 @@ def test_the_race_runs_the_peer_then_the_notebook_and_compares_them(data_dir, tm
     assert ratios["timer"] == pytest.approx(0.001 / peer["timer_seconds"])
     assert ratios["job"] == pytest.approx(0.002 / peer["job_seconds"])
     assert measured["target_met"] == (0.95 >= peer["test_acc_tta"])    # 2 ms is never slower than the peer
+
+
+def test_the_ablation_runs_section_10_after_sections_0_to_3_without_the_test_set(data_dir, tmp_path, monkeypatch):
+    """Speedrun.ipynb's own ablation, one tiny epoch per row and two seeds on generated data:
+    every row of both parts with one accuracy and one time per seed, and nothing of sections 4-9
+    (the main training, the test evaluation) in what ran."""
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    output, work_dir = tmp_path / "ablation.json", tmp_path / "work"
+    ablation = load_script("speedrun").main(["--ablation", "--ablation-epochs", "1", "--seeds", "0", "1",
+                                             "--work-dir", str(work_dir), "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(ablation))
+    assert ablation["epochs"] == 1 and ablation["seeds"] == [0, 1] and ablation["train_images"] == 70   # 8 a class, 1 held out
+    assert "sections 0-3 and 10" in ablation["method"]
+    rows = ablation["rows"]
+    assert [row["part"] for row in rows] == ["technique"] * 7 + ["airbench"] * 3
+    assert all(len(row["val_accs"]) == len(row["seconds"]) == 2 for row in rows)
+    assert all(0 <= acc <= 1 for row in rows for acc in row["val_accs"])
+    executed = json.loads((work_dir / "Speedrun-ablation.ipynb").read_text())
+    sources = ["".join(cell["source"]) for cell in executed["cells"]]
+    assert not any("test_chosen_model" in source or "utils.train(net," in source for source in sources)
+    assert any("## 10." in source for source in sources)

@@ -68,3 +68,16 @@ def test_papermill_runs_a_notebook_with_settings_and_amp_is_one_of_them(tmp_path
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "AMP = True" in injected[0].source
+
+
+def test_sections_keeps_only_the_numbered_sections_asked_for(tmp_path):
+    markdown, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    cells = [markdown("# Title\n\n## 0. Setup"), code("setup = 0"), markdown("## 1. Data"), code("data = 1"),
+             markdown("## 2. Network"), code("net = 2"), markdown("More on the network"), code("net2 = 2"),
+             markdown("## 10. Ablation"), code("ablation = 10"), markdown("## Summary"), code("summary = None")]
+    path = tmp_path / "Sections.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    kept = [cell.source for cell in notebook_code.sections(path, (0, 2, 10)).cells]
+    assert kept == ["# Title\n\n## 0. Setup", "setup = 0", "## 2. Network", "net = 2", "More on the network",
+                    "net2 = 2", "## 10. Ablation", "ablation = 10"]
+    assert [cell.source for cell in notebook_code.sections(path, (1,)).cells] == ["## 1. Data", "data = 1"]

@@ -175,3 +175,45 @@ def test_without_shift_only_norm_the_batchnorm_scales_learn_at_the_common_step_s
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert {id(m.weight) for m in norms} <= {id(p) for p in weights["params"]}
     assert shifts["lr"] == pytest.approx(weights["lr"])
+
+
+def test_airbench_groups_add_nothing_and_start_their_convolutions_at_identity():
+    residual, plain = (SPEEDRUN["ConvGroup"](4, 6, residual=flag) for flag in (True, False))
+    for conv in (plain.conv1, plain.conv2):
+        identity = torch.zeros_like(conv.weight[:conv.in_channels])
+        torch.nn.init.dirac_(identity)
+        assert torch.equal(conv.weight[:conv.in_channels], identity)
+    plain.load_state_dict(residual.state_dict())          # the same weights: only the add differs
+    x = torch.randn(2, 4, 8, 8)
+    first = F.gelu(residual.bn1(residual.pool(residual.conv1(x))))
+    torch.testing.assert_close(residual(x), first + plain(x))
+
+
+def norm_stats(net):
+    return [s for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for s in (m.running_mean, m.running_var)]
+
+
+def test_lookahead_can_average_the_batchnorm_statistics_and_keeps_them_for_a_resume():
+    torch.manual_seed(0)
+    net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10)
+    plain_net = copy.deepcopy(net)
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(6)]
+    optimizer, scheduler = SPEEDRUN["make_optimizer"](net, 1, 6, 3, average_norm_stats=True)
+    plain_optimizer, _ = SPEEDRUN["make_optimizer"](plain_net, 1, 6, 3)
+    assert len(optimizer.param_groups) == 3 and len(plain_optimizer.param_groups) == 2
+    lookahead_run(net, optimizer, 6, data)
+    lookahead_run(plain_net, plain_optimizer, 6, data)
+    for stats in norm_stats(net):                          # step 6: the statistics reset to their slow copy
+        assert torch.equal(optimizer.state[stats]["slow"], stats)
+    assert not all(torch.equal(a, b) for a, b in zip(norm_stats(net), norm_stats(plain_net)))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), plain_net.parameters()))   # weights: unchanged
+    assert len(optimizer.state_dict()["state"]) > len(plain_optimizer.state_dict()["state"])
+
+
+def test_the_step_size_and_decay_can_be_set_for_another_batch_size():
+    net = SPEEDRUN["SpeedNet"]((8, 16, 16), num_classes=10)
+    base, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5)
+    doubled, _ = SPEEDRUN["make_optimizer"](net, 2, 10, 5, peak_lr=2 * SPEEDRUN["PEAK_LR"], decay=2 * SPEEDRUN["DECAY"])
+    for group, base_group in zip(doubled.param_groups, base.param_groups):
+        assert group["max_lr"] == pytest.approx(2 * base_group["max_lr"])
+        assert group["max_lr"] * group["weight_decay"] == pytest.approx(2 * base_group["max_lr"] * base_group["weight_decay"])

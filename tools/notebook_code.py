@@ -10,8 +10,9 @@ training step) loads it from there, so that there is never a second copy to drif
 
 Only definitions run: classes, functions, imports and names bound to literals. Everything else
 in a cell (building the data, training, plotting, IPython's `!` and `%` lines) is left out, so
-loading takes milliseconds and touches no data. Executing a whole notebook with settings is
-papermill's job (`papermill notebooks/X.ipynb out.ipynb -p EPOCHS 1`), not this module's.
+loading takes milliseconds and touches no data. Executing a notebook with settings is
+papermill's job (`papermill notebooks/X.ipynb out.ipynb -p EPOCHS 1`), not this module's;
+`sections` cuts a notebook down to some of its numbered sections for papermill to execute.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import math
 import pathlib
 import re
 
+import nbformat
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_GLOBALS = {"torch": torch, "nn": nn, "F": F, "math": math,
                     "collections": collections, "OrderedDict": collections.OrderedDict}
 MODULE_CLASS = re.compile(r"^class \w+\((?:torch\.)?nn\.Module\):", re.MULTILINE)
+SECTION_HEADING = re.compile(r"^## (?:(\d+)\.|\w)", re.MULTILINE)   # "## 4. Training" or "## Summary"
 # Each notebook's network as its notebook builds it: notebook file, class, constructor keyword
 # arguments, input side in pixels. A new notebook joins the measurements with one line here.
 NETWORKS = {
@@ -99,3 +102,20 @@ def build_network(name: str) -> tuple[nn.Module, int]:
     """The network of notebook `name` (a key of `NETWORKS`), freshly initialised, and its input side."""
     notebook, class_name, kwargs, size = NETWORKS[name]
     return network_class(notebook, class_name)(**kwargs), size
+
+
+def sections(notebook: str | pathlib.Path, numbers) -> nbformat.NotebookNode:
+    """`notebook` (a file name in notebooks/ or a path) with only the cells of its sections
+    numbered in `numbers`: a cell belongs to the last `## N.` heading in or above it, and an
+    unnumbered one (`## Summary`) belongs to none."""
+    path = pathlib.Path(notebook) if pathlib.Path(notebook).is_absolute() else NOTEBOOK_DIR / notebook
+    cut = nbformat.read(path, as_version=4)
+    kept, section = [], None
+    for cell in cut.cells:
+        headings = SECTION_HEADING.findall(cell.source) if cell.cell_type == "markdown" else []
+        if headings:
+            section = int(headings[-1]) if headings[-1] else None
+        if section in numbers:
+            kept.append(cell)
+    cut.cells = kept
+    return cut
