@@ -40,7 +40,6 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from tools import notebook_code  # noqa: E402
-from tools.notebook_code import NETWORKS  # noqa: E402
 
 NOTEBOOK_DIR = utils.REPO_DIR / "notebooks"
 TRAIN_IMAGES, VAL_IMAGES = 45_000, 5_000     # CIFAR-10's training and validation splits in every notebook
@@ -117,7 +116,7 @@ def run_at_budget(name: str, minutes: float, model_dir: pathlib.Path, probe_imag
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="+", choices=sorted(NETWORKS), metavar="NOTEBOOK")
+    parser.add_argument("notebooks", nargs="+", choices=sorted(notebook_code.NETWORKS), metavar="NOTEBOOK")
     parser.add_argument("--minutes", type=float, default=30, help="training budget per network (default 30)")
     parser.add_argument("--model-dir", type=pathlib.Path, default=utils.REPO_DIR / "model" / "equal-budget")
     parser.add_argument("--probe-images", type=int, default=2_250, help="training images of the probe epoch")
