@@ -182,15 +182,17 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash or kill at any moment leaves either the old file or the new one."""
+@contextlib.contextmanager
+def atomic_open(path: pathlib.Path):
+    """A temporary file beside `path`, open for binary writing; when the block ends, the file is
+    flushed to disk and renamed over `path`. A crash or kill at any moment, or an exception in
+    the block, leaves either the old file or the new one, never a part of either."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), 0o666 & ~UMASK)   # mkstemp makes files private; use the usual mode
@@ -198,6 +200,12 @@ def atomic_write(path: pathlib.Path, data: bytes) -> None:
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_open`."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def _backup_existing(path: pathlib.Path) -> pathlib.Path | None:
@@ -1027,7 +1035,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if wrapped else model
 
 
-def _checkpoint_bytes(model: nn.Module, meta: dict, training: dict | None = None) -> bytes:
+def _checkpoint(model: nn.Module, meta: dict, training: dict | None = None) -> dict:
     model = _unwrap(model)
     checkpoint = {
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -1037,9 +1045,21 @@ def _checkpoint_bytes(model: nn.Module, meta: dict, training: dict | None = None
     }
     if training is not None:
         checkpoint["training"] = training
+    return checkpoint
+
+
+def _checkpoint_bytes(model: nn.Module, meta: dict, training: dict | None = None) -> bytes:
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save(_checkpoint(model, meta, training), buffer)
     return buffer.getvalue()
+
+
+def _write_checkpoint(path: pathlib.Path, model: nn.Module, meta: dict, training: dict | None = None) -> None:
+    """Save a checkpoint straight into its file, atomically. `train` calls this after every epoch:
+    with the optimizer's state a checkpoint holds several copies of the weights (700 MB for
+    ZFNet with AdamW), and serialising it in memory first would copy all of it twice more."""
+    with atomic_open(path) as f:
+        torch.save(_checkpoint(model, meta, training), f)
 
 
 def save_checkpoint(path, model: nn.Module, *, backup: bool = True, **meta) -> pathlib.Path:
@@ -1429,13 +1449,13 @@ def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
         return
     epoch, val_acc = history.epoch[-1], history.val_acc[-1]
     if improved:
-        atomic_write(files.best, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}))
+        _write_checkpoint(files.best, model, {**metadata, "epoch": epoch, "val_acc": val_acc})
     training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict(), "rng": rng, "history": asdict(history)}
     if is_distributed():
         training["rng_by_rank"] = rng_by_rank
-    atomic_write(files.last, _checkpoint_bytes(model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training))
+    _write_checkpoint(files.last, model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training)
     history.to_json(files.history)
 
 

@@ -148,6 +148,7 @@ def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | N
 
     with tempfile.TemporaryDirectory(prefix="speedrun-") as scratch:
         scratch = pathlib.Path(work_dir or scratch)
+        scratch.mkdir(parents=True, exist_ok=True)      # papermill writes into the folder, and never creates it
         paths = {"DATA_DIR": str(data_dir), "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs")}
         threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
         start = time.perf_counter()

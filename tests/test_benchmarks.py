@@ -137,12 +137,15 @@ def test_speedrun_budget_refuses_to_replace_a_recorded_run_or_to_start_without_d
 
 def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp_path, monkeypatch):
     """Tiny timings, then the notebook itself for one epoch on generated data: the budget file
-    holds the reference epoch, the budgets as multiples of it, and the run's ratio to it."""
+    holds the reference epoch, the budgets as multiples of it, and the run's ratio to it; the
+    executed notebook is kept in --work-dir, created when it does not exist yet."""
     monkeypatch.setenv("DATA_DIR", str(data_dir))
-    output = tmp_path / "budget.json"
+    output, work_dir = tmp_path / "budget.json", tmp_path / "not" / "yet"
     measured = load_script("speedrun").main(["--reference-batches", "1", "--speedrun-batches", "1",
-                                             "--run-notebook", "--epochs", "1", "--output", str(output)])
+                                             "--run-notebook", "--epochs", "1", "--output", str(output),
+                                             "--work-dir", str(work_dir)])
     assert json.loads(output.read_text()) == json.loads(json.dumps(measured))
+    assert (work_dir / "Speedrun.ipynb").is_file() and (work_dir / "model" / "Speedrun_history.json").is_file()
     epoch_seconds = measured["customcnn"]["contiguous"]["epoch_seconds"]
     assert epoch_seconds == pytest.approx(45_000 / measured["customcnn"]["contiguous"]["images_per_s"])
     assert measured["budgets_seconds"] == {"90 %": pytest.approx(1.5 * epoch_seconds),

@@ -174,6 +174,17 @@ def test_atomic_write_writes_bytes_and_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["file.bin"]   # no temporary file left
 
 
+def test_atomic_open_keeps_the_old_file_when_the_block_fails(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with utils.atomic_open(path) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("mid-write")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]    # no temporary file left
+
+
 KILL_MID_SAVE = textwrap.dedent("""
     import os, signal, sys, torch, torch.nn as nn
     sys.path.insert(0, sys.argv[2])

@@ -477,14 +477,14 @@ def test_a_resumed_one_cycle_run_continues_its_schedule(datasets, tmp_path):
 
 def test_ctrl_c_during_a_save_waits_until_the_epoch_is_saved_whole(datasets, tmp_path, monkeypatch, capsys):
     files = utils.RunFiles(tmp_path, "net")
-    write = utils.atomic_write
+    atomic_open = utils.atomic_open
 
-    def write_after_ctrl_c(path, data):
+    def open_after_ctrl_c(path):
         if path == files.last:
             os.kill(os.getpid(), signal.SIGINT)          # Ctrl-C between the best and the last checkpoint
-        return write(path, data)
+        return atomic_open(path)
 
-    monkeypatch.setattr(utils, "atomic_write", write_after_ctrl_c)
+    monkeypatch.setattr(utils, "atomic_open", open_after_ctrl_c)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a terminal or Jupyter
     try:
         _, history = resume_run(datasets, files, epochs=3)
