@@ -1071,6 +1071,7 @@ def save_checkpoint(path, model: nn.Module, *, backup: bool = True, **meta) -> p
     The write is atomic; with `backup`, a file already at `path` is renamed aside, not lost.
     """
     path = pathlib.Path(path)
+    # serialised before the old file moves aside, so that metadata torch cannot save leaves it in place
     data = _checkpoint_bytes(model, meta)
     if backup:
         _backup_existing(path)
