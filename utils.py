@@ -1448,15 +1448,15 @@ def _save_epoch(files: RunFiles, model, metadata, history, improved, recipe,
         torch.distributed.all_gather_object(rng_by_rank, rng)
     if not is_main_process():
         return
-    epoch, val_acc = history.epoch[-1], history.val_acc[-1]
+    meta = {**metadata, "epoch": history.epoch[-1], "val_acc": history.val_acc[-1]}
     if improved:
-        _write_checkpoint(files.best, model, {**metadata, "epoch": epoch, "val_acc": val_acc})
+        _write_checkpoint(files.best, model, meta)
     training = {"recipe": recipe, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict(), "rng": rng, "history": asdict(history)}
     if is_distributed():
         training["rng_by_rank"] = rng_by_rank
-    _write_checkpoint(files.last, model, {**metadata, "epoch": epoch, "val_acc": val_acc}, training)
+    _write_checkpoint(files.last, model, meta, training)
     history.to_json(files.history)
 
 
