@@ -1917,27 +1917,32 @@ def choose_tta_level(model: nn.Module, files: RunFiles, val_loader, levels, hist
 
 
 def test_chosen_model(model: nn.Module, files: RunFiles, test_loader, history: History,
-                      tta_level: int = 0) -> TestResult:
+                      tta_level: int = 0, last_epoch: bool = False) -> TestResult:
     """Section 5: load the checkpoint the validation chose (`files.best`) into `model`, predict
     the whole test split once (with test-time augmentation at `tta_level`), record the test
     accuracy in `history` and its JSON file, and print it beside the validation accuracy.
+    last_epoch: test the last epoch (`files.last`) instead, for a run whose validation images
+        were trained on (a chosen recipe retrained on all the training images), where the
+        validation accuracy no longer chooses anything; `history.info["tested"]` says which.
     Under torchrun every process calls it with its share of the test split (see `make_loader`),
     and the main process writes and prints."""
-    checkpoint = from_main_process(_read_checkpoint, files.best)    # under torchrun: read once, on process 0
-    _load_weights(model, checkpoint["state_dict"], files.best)
-    best = dict(checkpoint["meta"])
+    path = files.last if last_epoch else files.best
+    checkpoint = from_main_process(_read_checkpoint, path)    # under torchrun: read once, on process 0
+    _load_weights(model, checkpoint["state_dict"], path)
+    tested = dict(checkpoint["meta"])
     logits, labels = predict_loader(TTA(model, tta_level), test_loader)
     predictions = logits.argmax(1)
     test_acc = (predictions == labels).float().mean().item()
     history.test_acc = test_acc
+    history.info["tested"] = "last epoch" if last_epoch else "best validation accuracy"
     if tta_level:
         history.info["tta_level"] = tta_level
     if is_main_process():
         history.to_json(files.history)
         with_tta = f", test-time augmentation level {tta_level}" if tta_level else ""
-        print(f"epoch {best['epoch']} (validation accuracy {best['val_acc']:.2%}) on {len(labels):,} "
-              f"test images{with_tta}: {test_acc:.2%}")
-    return TestResult(test_acc, predictions, labels, best, tta_level)
+        chosen_by = "the last" if last_epoch else f"validation accuracy {tested['val_acc']:.2%}"
+        print(f"epoch {tested['epoch']} ({chosen_by}) on {len(labels):,} test images{with_tta}: {test_acc:.2%}")
+    return TestResult(test_acc, predictions, labels, tested, tta_level)
 
 
 def show_per_class_accuracy(test: TestResult, classes, save_path=None) -> None:

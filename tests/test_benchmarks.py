@@ -136,14 +136,15 @@ def test_speedrun_budget_refuses_to_replace_a_recorded_run_or_to_start_without_d
 
 
 def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp_path, monkeypatch):
-    """Tiny timings, then the notebook itself for one epoch on generated data: the budget file
-    holds the reference epoch, the budgets as multiples of it, and the run's ratio to it; the
+    """Tiny timings, then the notebook itself for two epochs on generated data, retrained on the
+    training and validation images (the default recipe runs in the notebook tests): the budget
+    file holds the reference epoch, the budgets as multiples of it, and the run's ratio to it; the
     executed notebook is kept in --work-dir, created when it does not exist yet."""
     monkeypatch.setenv("DATA_DIR", str(data_dir))
     output, work_dir = tmp_path / "budget.json", tmp_path / "not" / "yet"
     measured = load_script("speedrun").main(["--reference-batches", "1", "--speedrun-batches", "1",
-                                             "--run-notebook", "--epochs", "1", "--output", str(output),
-                                             "--work-dir", str(work_dir)])
+                                             "--run-notebook", "--epochs", "2", "--retrain-on-all",
+                                             "--output", str(output), "--work-dir", str(work_dir)])
     assert json.loads(output.read_text()) == json.loads(json.dumps(measured))
     assert (work_dir / "Speedrun.ipynb").is_file() and (work_dir / "model" / "Speedrun_history.json").is_file()
     epoch_seconds = measured["customcnn"]["contiguous"]["epoch_seconds"]
@@ -153,7 +154,12 @@ def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp
     assert set(measured["speednet"]) == {"notebook", "airbench94"}
     assert all(0 < row["peak_share"] for row in measured["speednet"].values())
     run = measured["run"]
-    assert run["epochs"] == 1 and 0 <= run["test_acc"] <= 1
+    assert run["epochs"] == 2 and 0 <= run["test_acc"] <= 1
+    train_set, val_set, _ = utils.load_cifar10(data_dir)
+    assert run["train_images"] == len(train_set) + len(val_set)
+    assert run["tested"] == "last epoch" and run["val_acc"] is None and run["val_acc_tta"] is None
+    saved = torch.load(work_dir / "model" / "Speedrun.pth", weights_only=True)      # section 8's file
+    assert saved["meta"]["epoch"] == 2 and saved["meta"]["test_acc"] == run["test_acc"]
     assert run["customcnn_epochs"] == pytest.approx(run["total_seconds"] / epoch_seconds)
 
 
@@ -221,7 +227,8 @@ def test_the_race_runs_the_peer_then_the_notebook_and_compares_them(data_dir, tm
     itself runs in the budget test above): the ratios and the target follow from both points."""
     speedrun = load_script("speedrun")
     history = {"epoch": [1], "val_acc": [0.5], "test_acc": 0.95,
-               "info": {"train_images": 45000, "tta_level": 2, "val_acc_tta": 0.51, "total_seconds": 0.001}}
+               "info": {"train_images": 45000, "tta_level": 2, "val_acc_tta": 0.51, "total_seconds": 0.001,
+                        "tested": "best validation accuracy"}}
     monkeypatch.setattr(speedrun, "run_notebook", lambda *args, **kwargs: (history, 0.002))
     monkeypatch.setenv("DATA_DIR", str(data_dir))
     output = tmp_path / "race.json"

@@ -47,6 +47,19 @@ def test_the_chosen_checkpoint_is_tested_and_recorded(trained, capsys):
     assert f"{test.test_acc:.2%}" in capsys.readouterr().out
 
 
+def test_a_retrained_run_tests_its_last_epoch(datasets, tmp_path):
+    """With `last_epoch=True` (validation images trained on) the last epoch is tested, not the
+    best: trained at a rate where validation accuracy goes up and down, so they differ."""
+    files = utils.RunFiles(tmp_path, "Tiny")
+    model, _, _, history = run(make_loaders(datasets), epochs=4, lr=0.3, files=files)
+    assert history.best_epoch != 4, "the test needs a run whose best epoch is not the last"
+    test_loader = utils.make_loader(datasets[2], 16, "cpu", shuffle=False, transform=utils.BatchTransform())
+    test = utils.test_chosen_model(TinyNet(), files, test_loader, history, last_epoch=True)
+    logits, _ = utils.predict_loader(model, test_loader)             # the model as training left it
+    assert torch.equal(test.predictions, logits.argmax(1)) and test.best["epoch"] == 4
+    assert json.loads(files.history.read_text())["info"]["tested"] == "last epoch"
+
+
 def test_the_tta_level_is_chosen_on_validation(trained, datasets):
     model, files, history, _ = trained
     val_loader = make_loaders(datasets)[1]
