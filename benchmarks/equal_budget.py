@@ -10,9 +10,11 @@ For each notebook:
 
 1. A probe runs the notebook's sections 0-9 for two epochs on `--probe-images` training images
    (and as many validation images) and times the second, data pipeline and validation included
-   (the first also pays one-time costs: memory, kernel choice).
-2. The epochs that fit in the budget follow from the probe, scaled to 45,000 training and 5,000
-   validation images (an evaluated image costs about a third of a trained one); at least one.
+   (the first also pays one-time costs: memory, kernel choice); then again on twice as many.
+2. The two probes' difference is the cost of the extra images, the rest of the smaller probe a
+   cost every epoch pays once whatever its size (starting loader workers, writing checkpoints).
+   The epochs that fit in the budget follow, scaled to 45,000 training and 5,000 validation images
+   (an evaluated image costs about a third of a trained one); at least one.
 3. The notebook's sections 0-9 then run with `EPOCHS` set to that number, so its schedule (one-
    cycle, cosine, warm-up and decay, steps) is fitted to those epochs exactly as a reader's
    `-p EPOCHS` would fit it (a setting counted in epochs, ViT's warm-up, keeps its share of the
@@ -75,14 +77,23 @@ def run_notebook(name: str, out_dir: pathlib.Path, environment: dict, parameters
     return json.loads((out_dir / f"{name}_history.json").read_text())
 
 
-def full_epoch_seconds(probe_epoch_s: float, probe_images: int,
+def full_epoch_seconds(small_probe_s: float, large_probe_s: float, probe_images: int,
                        train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES) -> float:
-    """Seconds of one epoch of `train_images` with validation on `val_images` after it, from one
-    probe epoch of `probe_images` training and as many validation images."""
-    if probe_epoch_s <= 0 or probe_images <= 0:
-        raise ValueError(f"probe time and probe images must be positive, got {probe_epoch_s}, {probe_images}")
-    seconds_per_image = probe_epoch_s / (probe_images * (1 + EVAL_COST))
-    return seconds_per_image * (train_images + EVAL_COST * val_images)
+    """Seconds of one epoch of `train_images` with validation on `val_images` after it, from probe
+    epochs of `probe_images` and of twice as many training images (each with as many validation
+    images): a fixed cost per epoch plus a cost per image. Where noise puts the larger probe
+    outside what that allows (no slower than the smaller, or more than twice as slow), all of its
+    time counts as cost per image."""
+    if min(small_probe_s, large_probe_s, probe_images) <= 0:
+        raise ValueError(f"probe times and probe images must be positive, got {small_probe_s}, "
+                         f"{large_probe_s}, {probe_images}")
+    units = probe_images * (1 + EVAL_COST)                   # the extra work of the larger probe
+    if small_probe_s < large_probe_s <= 2 * small_probe_s:
+        seconds_per_unit = (large_probe_s - small_probe_s) / units
+        fixed_s = small_probe_s - seconds_per_unit * units
+    else:
+        seconds_per_unit, fixed_s = large_probe_s / (2 * units), 0.0
+    return fixed_s + seconds_per_unit * (train_images + EVAL_COST * val_images)
 
 
 def epochs_that_fit(budget_s: float, epoch_s: float) -> int:
@@ -93,14 +104,15 @@ def epochs_that_fit(budget_s: float, epoch_s: float) -> int:
 
 
 def run_at_budget(name: str, minutes: float, model_dir: pathlib.Path, probe_images: int, environment: dict) -> dict:
-    probe = run_notebook(name, model_dir / "probe", {**environment, "SUBSET": str(probe_images)},
-                         {"EPOCHS": PROBE_EPOCHS, "RESUME": False})
-    epoch_s = full_epoch_seconds(probe["seconds"][-1], probe["info"]["train_images"])
+    probes = [run_notebook(name, model_dir / f"probe-{images}", {**environment, "SUBSET": str(images)},
+                           {"EPOCHS": PROBE_EPOCHS, "RESUME": False}) for images in (probe_images, 2 * probe_images)]
+    small, large = probes
+    epoch_s = full_epoch_seconds(small["seconds"][-1], large["seconds"][-1], small["info"]["train_images"])
     epochs = epochs_that_fit(60 * minutes, epoch_s)
-    print(f"{name}: probe epochs of {probe['info']['train_images']:,} images took "
-          f"{', '.join(f'{s:.1f}' for s in probe['seconds'])} s, "
-          f"so {epochs} epoch(s) of about {epoch_s:,.0f} s fit in {minutes:g} minutes "
-          f"(CPU capability {torch.backends.cpu.get_cpu_capability()})", flush=True)
+    took = "; ".join(f"{probe['info']['train_images']:,} images {', '.join(f'{s:.1f}' for s in probe['seconds'])} s"
+                     for probe in probes)
+    print(f"{name}: probe epochs of {took}, so {epochs} epoch(s) of about {epoch_s:,.0f} s fit in "
+          f"{minutes:g} minutes (CPU capability {torch.backends.cpu.get_cpu_capability()})", flush=True)
     if epoch_s > 60 * minutes:
         print(f"{name}: not even one epoch fits in {minutes:g} minutes; it trains for one, over the budget", flush=True)
     scaled = {setting: share * epochs for setting, share in EPOCH_SETTINGS.get(name, {}).items()}
@@ -119,7 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("notebooks", nargs="+", choices=sorted(notebook_code.NETWORKS), metavar="NOTEBOOK")
     parser.add_argument("--minutes", type=float, default=30, help="training budget per network (default 30)")
     parser.add_argument("--model-dir", type=pathlib.Path, default=utils.REPO_DIR / "model" / "equal-budget")
-    parser.add_argument("--probe-images", type=int, default=2_250, help="training images of the probe epoch")
+    parser.add_argument("--probe-images", type=int, default=2_250, help="training images of the smaller probe (the larger has twice as many)")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.probe_images <= 0:
         parser.error("--minutes and --probe-images must be positive")
