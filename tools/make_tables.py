@@ -18,6 +18,7 @@ import json
 import math
 import pathlib
 import shutil
+import statistics
 import sys
 
 from matplotlib.figure import Figure
@@ -227,23 +228,34 @@ def budget_run(name: str) -> dict | None:
     return runs[-1] if runs else None
 
 
+def arithmetic_rate(mult_adds: float, history: utils.History) -> float:
+    """The arithmetic an epoch did, in GFLOP/s over its median time: 2 operations per multiply-add,
+    a trained image counted as three forward passes (forward, and a backward pass of about twice
+    its work), a validated one as one."""
+    passes = 3 * history.info["train_images"] + history.info["val_images"]
+    return 2 * mult_adds * passes / statistics.median(history.seconds) / 1e9
+
+
 def equal_budget() -> list[str]:
     """One row per network of EQUAL_BUDGET: its size, the epochs its budget allowed, the training
-    time they took, and the validation-chosen epoch's accuracies."""
+    time they took, the arithmetic rate the CPU reached on it, and the validation-chosen epoch's
+    accuracies."""
     networks = throughput()["networks"]
     lines = ["| network | parameters | multiply-adds per image | budget | epochs that fit | training time used "
-             "| validation accuracy (chosen epoch) | test accuracy (once) | machine, date |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+             "| arithmetic rate | validation accuracy (chosen epoch) | test accuracy (once) | machine, date |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for name in EQUAL_BUDGET:
         size = network_cells(networks.get(name))[:2]
         run = budget_run(name)
         if run is None:
-            lines.append(f"| {name} | {size[0]} | {size[1]} | | | | {NOT_MEASURED} | {NOT_MEASURED} | |")
+            lines.append(f"| {name} | {size[0]} | {size[1]} | | | | | {NOT_MEASURED} | {NOT_MEASURED} | |")
             continue
         history = history_of(run)
         test = f"{history.test_acc:.2%}" if history.test_acc is not None else NOT_MEASURED
+        rate = f"{arithmetic_rate(networks[name]['mult_adds'], history):.0f} GFLOP/s" if name in networks else ""
         lines.append(f"| {name} | {size[0]} | {size[1]} | {run['info']['budget_minutes']:g} min | {len(history)} "
-                     f"| {sum(history.seconds) / 60:.1f} min | {history.best_val_acc:.2%} (epoch {history.best_epoch}) "
+                     f"| {sum(history.seconds) / 60:.1f} min | {rate} "
+                     f"| {history.best_val_acc:.2%} (epoch {history.best_epoch}) "
                      f"| {test} | {history.info['device']}, {history.info['started'][:10]} |")
     return lines
 
