@@ -333,7 +333,8 @@ def course_map() -> list[str]:
         lines += ["", f"Times on {times['machine']}: quick mode is the whole notebook on generated data "
                       f"(`benchmarks/notebook_times.py`, {times['date']}); the full recipe is the training time of "
                       f"its measured run, whose test accuracy is that of the epoch the validation chose, read once; "
-                      f"the equal CPU budget is the lab book's \"Every architecture at an equal CPU budget\"."]
+                      f"the equal CPU budget is the same training time on the same CPU for every network (the lab "
+                      f"book's \"Every architecture at an equal CPU budget\"; a GPU ranks them differently)."]
     return lines
 
 
