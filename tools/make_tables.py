@@ -267,14 +267,18 @@ def write_equal_budget_figure(path: pathlib.Path | None = None) -> pathlib.Path:
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     by_time, by_size, by_work = figure.subplots(1, 3)
     measured = {name: run for name in EQUAL_BUDGET if (run := budget_run(name)) is not None}
+    labelled = {by_size: [], by_work: []}                    # points named so far, per panel
     for name, run in measured.items():
         minutes_done = [sum(run["seconds"][:i + 1]) / 60 for i in range(len(run["seconds"]))]
         line, = by_time.plot(minutes_done, [100 * a for a in run["val_acc"]], marker="o", markersize=3, label=name)
         if run.get("test_acc") is not None and name in networks:
             for axes, key in ((by_size, "parameters"), (by_work, "mult_adds")):
-                axes.plot(networks[name][key], 100 * run["test_acc"], "o", color=line.get_color())
-                axes.annotate(name, (networks[name][key], 100 * run["test_acc"]), xytext=(4, 4),
-                              textcoords="offset points", fontsize=8)
+                point = (networks[name][key], 100 * run["test_acc"])
+                axes.plot(*point, "o", color=line.get_color())
+                crowded = any(abs(math.log10(point[0] / x)) < 0.2 and abs(point[1] - y) < 3 for x, y in labelled[axes])
+                axes.annotate(name, point, xytext=(-4 if crowded else 4, 4), textcoords="offset points", fontsize=8,
+                              ha="right" if crowded else "left")      # a close neighbour's name is on the right
+                labelled[axes].append(point)
     by_time.set(xlabel="training time, minutes (2-core CPU)", ylabel="validation accuracy, %",
                 title="validation accuracy while the budget runs")
     by_size.set(xscale="log", xlabel="parameters", ylabel="test accuracy, %", title="test accuracy (once) against size")
@@ -283,7 +287,7 @@ def write_equal_budget_figure(path: pathlib.Path | None = None) -> pathlib.Path:
     for axes in (by_time, by_size, by_work):
         axes.grid(True, alpha=0.3)
     if measured:
-        by_time.legend(fontsize=8)
+        by_time.legend(fontsize=7, ncol=2, loc="lower right")
     for axes in (by_size, by_work):
         axes.xaxis.set_minor_formatter(NullFormatter())       # labelled minor ticks overlap on a short log axis
         axes.margins(x=0.15, y=0.1)                            # room for the names beside the points
