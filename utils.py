@@ -2022,13 +2022,23 @@ def measured_runs(name: str) -> list[dict]:
     return sorted(runs, key=lambda run: run["info"]["started"])
 
 
+def validation_trained_on(run: dict) -> bool:
+    """Whether a measured run trained on its validation images (a chosen recipe retrained on all
+    the training images, its last epoch tested): its validation accuracy then chose nothing."""
+    return run["info"].get("tested") == "last epoch"
+
+
 def describe_run(run: dict) -> str:
     """One line for a measured run: the test accuracy of the validation-chosen epoch, the
     validation accuracy beside it, the budget and the machine."""
     history = History(**{key: value for key, value in run.items() if key in History.__dataclass_fields__})
     test = f"test {history.test_acc:.2%}" if history.test_acc is not None else "test not measured"
     seconds = sum(history.seconds) / len(history)
-    return (f"{test}, val {history.best_val_acc:.2%} (epoch {history.best_epoch} of {len(history)}), "
+    if validation_trained_on(run):
+        chosen = f"last epoch of {len(history)}, validation images trained on"
+    else:
+        chosen = f"val {history.best_val_acc:.2%} (epoch {history.best_epoch} of {len(history)})"
+    return (f"{test}, {chosen}, "
             f"{seconds:,.0f} s per epoch on {history.info['device']}, {history.info['started'][:10]}: "
             f"{history.info['note']}")
 

@@ -141,9 +141,9 @@ def compile_speedup(batches: int, backend: str = "inductor", log=print) -> dict:
 
 
 def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None,
-                 retrain_on_all: bool = False, log=print) -> tuple[dict, float]:
-    """Execute Speedrun.ipynb with papermill (`EPOCHS` and `RETRAIN_ON_ALL` set, the ablation off)
-    on `data_dir`, its kernel on as many threads as this process; the history it recorded and the
+                 retrain_on_all: bool = False, log=print, widths: list[int] | None = None) -> tuple[dict, float]:
+    """Execute Speedrun.ipynb with papermill (`EPOCHS`, `RETRAIN_ON_ALL` and, when given, `WIDTHS`
+    set, the ablation off) on `data_dir`, its kernel on as many threads as this process; the history it recorded and the
     seconds of the whole execution. The executed notebook and its model folder are kept in
     `work_dir` when given, else in a scratch folder that is removed."""
     import papermill
@@ -153,11 +153,13 @@ def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | N
         scratch.mkdir(parents=True, exist_ok=True)      # papermill writes into the folder, and never creates it
         paths = {"DATA_DIR": str(data_dir), "MODEL_DIR": str(scratch / "model"), "RUNS_DIR": str(scratch / "runs")}
         threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+        parameters = {"EPOCHS": epochs, "RETRAIN_ON_ALL": retrain_on_all, "RUN_ABLATION": False}
+        if widths:
+            parameters["WIDTHS"] = list(widths)
         start = time.perf_counter()
         with mock.patch.dict(os.environ, {**paths, **threads, "SUBSET": "0"}):   # the settings cell reads the paths from here
             papermill.execute_notebook(utils.REPO_DIR / "notebooks" / "Speedrun.ipynb", scratch / "Speedrun.ipynb",
-                                       parameters={"EPOCHS": epochs, "RETRAIN_ON_ALL": retrain_on_all,
-                                                   "RUN_ABLATION": False},
+                                       parameters=parameters,
                                        cwd=utils.REPO_DIR / "notebooks", progress_bar=False)
         job_seconds = time.perf_counter() - start
         log(f"notebook executed in {job_seconds:.0f} s (kernel start and every cell)")
@@ -192,7 +194,7 @@ def run_ablation(epochs: int, seeds: list[int], data_dir: pathlib.Path, work_dir
 
 def race(data_dir: pathlib.Path, epochs: int, reference_batches: int, work_dir: pathlib.Path | None = None,
          retrain_on_all: bool = False, peer_epochs: float | None = None, peer_batch_size: int | None = None,
-         log=print) -> dict:
+         log=print, widths: list[int] | None = None) -> dict:
     """The peer (benchmarks/peer_airbench.py) and Speedrun.ipynb with `epochs` back to back on
     `data_dir` and the same threads, the CustomCNN yardstick timed first: both accuracy-time points
     and their ratios. Each time is counted two ways: by the recipe's own timer (whitening, training
@@ -200,9 +202,10 @@ def race(data_dir: pathlib.Path, epochs: int, reference_batches: int, work_dir: 
     also holds its per-epoch validation) and as the whole job's wall time."""
     measured = {**peer_airbench.environment(), "customcnn": customcnn_epoch(reference_batches, log=log)}
     peer = measured["peer"] = peer_airbench.run_peer(data_dir, peer_epochs, peer_batch_size, log)
-    history, job_seconds = run_notebook(epochs, data_dir, work_dir, retrain_on_all, log)
+    history, job_seconds = run_notebook(epochs, data_dir, work_dir, retrain_on_all, log, widths)
     ours = measured["speedrun"] = {
-        "recipe": f"Speedrun.ipynb, EPOCHS={epochs}" + (", RETRAIN_ON_ALL=True" if retrain_on_all else ""),
+        "recipe": (f"Speedrun.ipynb, EPOCHS={epochs}" + (", RETRAIN_ON_ALL=True" if retrain_on_all else "")
+                   + (f", WIDTHS={tuple(widths)}" if widths else "")),
         "epochs": len(history["epoch"]), "tested": history["info"]["tested"],
         "train_images": history["info"]["train_images"], "tta_level": history["info"]["tta_level"],
         "val_acc_tta": history["info"]["val_acc_tta"], "test_acc_tta": history["test_acc"],
@@ -232,6 +235,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=10, help="EPOCHS for the notebook run")
     parser.add_argument("--retrain-on-all", action="store_true",
                         help="RETRAIN_ON_ALL for the notebook run: all 50,000 training images, the last epoch tested")
+    parser.add_argument("--widths", type=int, nargs=3, metavar="CHANNELS",
+                        help="WIDTHS for the notebook run (default: the notebook's)")
     parser.add_argument("--race", action="store_true",
                         help="instead: the peer (benchmarks/peer_airbench.py), then Speedrun.ipynb, on DATA_DIR")
     parser.add_argument("--ablation", action="store_true",
@@ -265,7 +270,7 @@ def main(argv=None) -> dict:
         return ablation
     if args.race:
         measured = race(data_dir, args.epochs, args.reference_batches, args.work_dir, args.retrain_on_all,
-                        args.peer_epochs, args.peer_batch_size)
+                        args.peer_epochs, args.peer_batch_size, widths=args.widths)
         args.output.write_text(json.dumps(measured, indent=1) + "\n")
         print(f"wrote {args.output}")
         return measured
@@ -273,7 +278,7 @@ def main(argv=None) -> dict:
     if args.compile:
         measured["compile"] = compile_speedup(args.speedrun_batches, args.compile_backend)
     if args.run_notebook:
-        history, _ = run_notebook(args.epochs, data_dir, args.work_dir, args.retrain_on_all)
+        history, _ = run_notebook(args.epochs, data_dir, args.work_dir, args.retrain_on_all, widths=args.widths)
         total = history["info"]["total_seconds"]
         ratio = total / measured["customcnn"]["epoch_seconds"]
         ratio_channels_last = total / measured["customcnn"]["channels_last"]["epoch_seconds"]

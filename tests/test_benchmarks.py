@@ -139,11 +139,13 @@ def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp
     """Tiny timings, then the notebook itself for two epochs on generated data, retrained on the
     training and validation images (the default recipe runs in the notebook tests): the budget
     file holds the reference epoch, the budgets as multiples of it, and the run's ratio to it; the
-    executed notebook is kept in --work-dir, created when it does not exist yet."""
+    executed notebook is kept in --work-dir, created when it does not exist yet; --widths reaches
+    the notebook's network."""
     monkeypatch.setenv("DATA_DIR", str(data_dir))
     output, work_dir = tmp_path / "budget.json", tmp_path / "not" / "yet"
     measured = load_script("speedrun").main(["--reference-batches", "1", "--speedrun-batches", "1",
                                              "--run-notebook", "--epochs", "2", "--retrain-on-all",
+                                             "--widths", "16", "32", "48",
                                              "--output", str(output), "--work-dir", str(work_dir)])
     assert json.loads(output.read_text()) == json.loads(json.dumps(measured))
     assert (work_dir / "Speedrun.ipynb").is_file() and (work_dir / "model" / "Speedrun_history.json").is_file()
@@ -160,6 +162,7 @@ def test_speedrun_budget_times_the_reference_and_runs_the_notebook(data_dir, tmp
     assert run["tested"] == "last epoch" and run["val_acc"] is None and run["val_acc_tta"] is None
     saved = torch.load(work_dir / "model" / "Speedrun.pth", weights_only=True)      # section 8's file
     assert saved["meta"]["epoch"] == 2 and saved["meta"]["test_acc"] == run["test_acc"]
+    assert saved["meta"]["widths"] == [16, 32, 48] and saved["state_dict"]["fc.weight"].shape == (10, 48)
     assert run["customcnn_epochs"] == pytest.approx(run["total_seconds"] / epoch_seconds)
 
 

@@ -83,6 +83,19 @@ def test_describe_run_reports_the_test_accuracy_of_the_validation_chosen_epoch()
                                        "CPU, 2 cores (x86_64), 2026-11-24: fake run")
 
 
+def test_a_run_retrained_on_its_validation_images_chooses_nothing_and_shows_no_validation_figure(results_dir):
+    held_out = fake_run("Speedrun", [0.5, 0.8812], 0.8975, True, "2026-12-05T10:00")
+    retrained = fake_run("Speedrun", [0.6, 0.9688], 0.8994, False, "2026-12-05T15:00")
+    retrained["info"]["tested"] = "last epoch"            # as utils.test_chosen_model(..., last_epoch=True) records
+    write(results_dir / "Speedrun-held-out.json", held_out)
+    write(results_dir / "Speedrun-retrained.json", retrained)
+    assert make_table.chosen_run("Speedrun") == held_out
+    speedrun_rows = [line for line in make_table.rows() if line.startswith("| Speedrun | fake run")]
+    assert len(speedrun_rows) == 2
+    assert f"| {make_table.TRAINED_ON} | 89.94% |" in speedrun_rows[1] and "96.88%" not in speedrun_rows[1]
+    assert utils.describe_run(retrained).startswith("test 89.94%, last epoch of 2, validation images trained on,")
+
+
 def test_write_all_fills_the_readme_and_draws_the_figure(results_dir):
     write(results_dir / "LeNet5-full.json", fake_run("LeNet5", [0.5, 0.6312], 0.6187, True, "2026-11-21T10:00"))
     write(results_dir / make_table.THROUGHPUT, FAKE_THROUGHPUT)

@@ -69,6 +69,7 @@ HEADER = ["| notebook | run | epochs | validation accuracy (chosen epoch) | test
           "| seconds per epoch | hardware | date |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 NOT_MEASURED = "not measured"
+TRAINED_ON = "trained on (last epoch tested)"   # the validation cell of a run retrained on all images
 
 
 # ---- runs: `add` and the results table -------------------------------------------------------
@@ -108,8 +109,10 @@ def row(name: str, run: dict) -> str:
     history = history_of(run)
     test = f"{history.test_acc:.2%}" if history.test_acc is not None else "not measured"
     seconds = sum(history.seconds) / len(history)
-    return (f"| {name} | {history.info['note']} | {len(history)} | {history.best_val_acc:.2%} "
-            f"(epoch {history.best_epoch}) | {test} | {seconds:,.0f} | {history.info['device']} "
+    val = (TRAINED_ON if utils.validation_trained_on(run)
+           else f"{history.best_val_acc:.2%} (epoch {history.best_epoch})")
+    return (f"| {name} | {history.info['note']} | {len(history)} | {val} | {test} | {seconds:,.0f} "
+            f"| {history.info['device']} "
             f"| {history.info['started'][:10]} |")
 
 
@@ -133,8 +136,9 @@ def throughput() -> dict:
 def chosen_run(name: str) -> dict | None:
     """The run the comparison shows for notebook `name`: of its full-recipe runs if it has any,
     else of all its measured runs, the one with the highest validation accuracy (the test set
-    chooses nothing); None when it has no measured run."""
-    runs = utils.measured_runs(name)
+    chooses nothing); None when it has no measured run. Runs that trained on their validation
+    images are left out: their validation accuracy measures nothing held out."""
+    runs = [run for run in utils.measured_runs(name) if not utils.validation_trained_on(run)]
     full = [run for run in runs if run["info"].get("full_recipe")]
     return max(full or runs, key=lambda run: max(run["val_acc"]), default=None)
 
