@@ -2030,7 +2030,8 @@ def validation_trained_on(run: dict) -> bool:
 
 def describe_run(run: dict) -> str:
     """One line for a measured run: the test accuracy of the validation-chosen epoch, the
-    validation accuracy beside it, the budget and the machine."""
+    validation accuracy beside it (or, for a run retrained on its validation images, that its last
+    epoch was tested), the budget and the machine."""
     history = History(**{key: value for key, value in run.items() if key in History.__dataclass_fields__})
     test = f"test {history.test_acc:.2%}" if history.test_acc is not None else "test not measured"
     seconds = sum(history.seconds) / len(history)

@@ -143,8 +143,8 @@ def compile_speedup(batches: int, backend: str = "inductor", log=print) -> dict:
 def run_notebook(epochs: int, data_dir: pathlib.Path, work_dir: pathlib.Path | None = None,
                  retrain_on_all: bool = False, log=print, widths: list[int] | None = None) -> tuple[dict, float]:
     """Execute Speedrun.ipynb with papermill (`EPOCHS`, `RETRAIN_ON_ALL` and, when given, `WIDTHS`
-    set, the ablation off) on `data_dir`, its kernel on as many threads as this process; the history it recorded and the
-    seconds of the whole execution. The executed notebook and its model folder are kept in
+    set, the ablation off) on `data_dir`, its kernel on as many threads as this process; the
+    history it recorded and the seconds of the whole execution. The executed notebook and its model folder are kept in
     `work_dir` when given, else in a scratch folder that is removed."""
     import papermill
 
