@@ -107,7 +107,7 @@ def history_of(run: dict) -> utils.History:
 
 def row(name: str, run: dict) -> str:
     history = history_of(run)
-    test = f"{history.test_acc:.2%}" if history.test_acc is not None else "not measured"
+    test = f"{history.test_acc:.2%}" if history.test_acc is not None else NOT_MEASURED
     seconds = sum(history.seconds) / len(history)
     val = (TRAINED_ON if utils.validation_trained_on(run)
            else f"{history.best_val_acc:.2%} (epoch {history.best_epoch})")
